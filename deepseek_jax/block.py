@@ -1,0 +1,59 @@
+"""Transformer block and the stacking/scanning of identical blocks (spec §3.1).
+
+Block: pre-norm residual `x += attn(attn_norm(x)); x += ffn(ffn_norm(x))`, with a dense SwiGLU FFN for layer
+ids below n_dense_layers and a DeepSeekMoE FFN from there on (the MTP block at layer id n_layers is MoE too).
+
+Identical blocks are stored stacked — every Variable gains a leading 'layers' axis — and run with
+`jax.lax.scan`, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers import MLP, RMSNorm
+from deepseek_jax.mla import MLA
+from deepseek_jax.moe import MoE, MoEStats
+
+
+class Block(nnx.Module):
+  """One decoder layer with the official submodule names attn_norm, attn, ffn_norm, ffn."""
+
+  def __init__(self, cfg: ModelConfig, layer_id: int, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.dim, cfg)
+    self.attn = MLA(cfg, rngs)
+    self.ffn_norm = RMSNorm(cfg.dim, cfg)
+    self.is_moe = layer_id >= cfg.n_dense_layers
+    self.ffn = MoE(cfg, rngs) if self.is_moe else MLP(cfg.dim, cfg.inter_dim, cfg, rngs)
+
+  def __call__(self, x_BTD, positions_BT) -> tuple[jax.Array, MoEStats | None]:
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+    if self.is_moe:
+      y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+    else:
+      y_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), None
+    return x_BTD + y_BTD, stats
+
+
+def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+  """n independently initialised copies of `make(rngs)` as ONE module whose Variables have a leading axis."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+  keys = jax.random.split(rngs.params(), n)
+  state = jax.vmap(lambda key: nnx.state(make(nnx.Rngs(key))))(keys)
+  for _, variable in nnx.to_flat_state(state):
+    variable.set_metadata('logical_axes', ('layers',) + tuple(variable.get_metadata('logical_axes')))
+  return nnx.merge(graphdef, state)
+
+
+def scan_blocks(blocks: nnx.Module, x_BTD, positions_BT):
+  """Applies stacked blocks in order; returns the output and the per-layer stats stacked on axis 0."""
+  graphdef, state = nnx.split(blocks)
+
+  def body(x, layer_state):
+    return nnx.merge(graphdef, layer_state)(x, positions_BT)
+
+  return jax.lax.scan(body, x_BTD, state)

@@ -1,0 +1,234 @@
+"""Hugging Face DeepSeek-V3 checkpoints: load into `DeepSeekV3`, save back (spec §6).
+
+A checkpoint is config.json plus one or many safetensors files. Weights are fp32 / bf16, or DeepSeek FP8:
+float8_e4m3fn `weight` with an fp32 `weight_scale_inv` per 128x128 block (edge blocks partial), dequantized
+here as weight * scale_inv (the "inv" is historical: it multiplies). The MTP module is stored as layer
+`num_hidden_layers` (+k), with copies of the embedding and head; HF transformers ignores it, we load it.
+
+Conversion is a rename table: our parameter paths (official names, kernels stored [in, out]) against the
+checkpoint names (weights [out, in]); stacked layers and experts are assembled one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.safetensors_io import SafetensorsDir, write_dir, write_json
+
+FP8_BLOCK = 128
+_FLOAT_CODES = ('F32', 'BF16', 'F16')
+
+_TOP = {
+    ('embed', 'embedding'): 'model.embed_tokens.weight',
+    ('norm', 'scale'): 'model.norm.weight',
+    ('head', 'kernel'): 'lm_head.weight',
+}
+_BLOCK = {
+    ('attn_norm', 'scale'): 'input_layernorm.weight',
+    ('ffn_norm', 'scale'): 'post_attention_layernorm.weight',
+    ('attn', 'wq', 'kernel'): 'self_attn.q_proj.weight',
+    ('attn', 'wq_a', 'kernel'): 'self_attn.q_a_proj.weight',
+    ('attn', 'q_norm', 'scale'): 'self_attn.q_a_layernorm.weight',
+    ('attn', 'wq_b', 'kernel'): 'self_attn.q_b_proj.weight',
+    ('attn', 'wkv_a', 'kernel'): 'self_attn.kv_a_proj_with_mqa.weight',
+    ('attn', 'kv_norm', 'scale'): 'self_attn.kv_a_layernorm.weight',
+    ('attn', 'wkv_b', 'kernel'): 'self_attn.kv_b_proj.weight',
+    ('attn', 'wo', 'kernel'): 'self_attn.o_proj.weight',
+    ('ffn', 'w1', 'kernel'): 'mlp.gate_proj.weight',
+    ('ffn', 'w2', 'kernel'): 'mlp.down_proj.weight',
+    ('ffn', 'w3', 'kernel'): 'mlp.up_proj.weight',
+    ('ffn', 'gate', 'weight'): 'mlp.gate.weight',
+    ('ffn', 'gate', 'bias'): 'mlp.gate.e_score_correction_bias',
+    ('ffn', 'shared_experts', 'w1', 'kernel'): 'mlp.shared_experts.gate_proj.weight',
+    ('ffn', 'shared_experts', 'w2', 'kernel'): 'mlp.shared_experts.down_proj.weight',
+    ('ffn', 'shared_experts', 'w3', 'kernel'): 'mlp.shared_experts.up_proj.weight',
+    ('ffn', 'experts', 'w1'): 'mlp.experts.{e}.gate_proj.weight',
+    ('ffn', 'experts', 'w2'): 'mlp.experts.{e}.down_proj.weight',
+    ('ffn', 'experts', 'w3'): 'mlp.experts.{e}.up_proj.weight',
+}
+_MTP = {
+    ('enorm', 'scale'): 'enorm.weight',
+    ('hnorm', 'scale'): 'hnorm.weight',
+    ('eh_proj', 'kernel'): 'eh_proj.weight',
+    ('shared_head_norm', 'scale'): 'shared_head.norm.weight',
+}
+# Stored in each MTP layer as copies of the main model's tensors; the model shares the originals.
+_MTP_COPIES = ('embed_tokens.weight', 'shared_head.head.weight')
+
+
+class Source(NamedTuple):
+  """Where one of our Variables comes from: a checkpoint name per stacked (layer, expert) index."""
+  names: np.ndarray  # object array of names, shape = the Variable's leading stack axes (() if none)
+  transpose: bool  # checkpoint [out, in] vs our [in, out]
+
+
+def checkpoint_layout(model: DeepSeekV3) -> dict[tuple, Source]:
+  """Our Variable path -> checkpoint source, for every Variable of the model."""
+  cfg = model.cfg
+  layout = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model)):
+    layout[path] = _source(path, variable.shape, cfg)
+  return layout
+
+
+def _source(path: tuple, shape: tuple[int, ...], cfg: ModelConfig) -> Source:
+  transpose = path[-1] in ('kernel', 'weight') or path[-2] == 'experts'
+  if path in _TOP:
+    return Source(np.array(_TOP[path], dtype=object), transpose)
+  if path[0] in ('dense_layers', 'moe_layers'):
+    first = 0 if path[0] == 'dense_layers' else cfg.n_dense_layers
+    layers, rest = range(first, first + shape[0]), path[1:]
+  elif path[0] == 'mtp' and path[2] == 'block':
+    layers, rest = [cfg.n_layers + path[1]], path[3:]
+  elif path[0] == 'mtp' and path[2:] in _MTP:
+    return Source(np.array(f'model.layers.{cfg.n_layers + path[1]}.{_MTP[path[2:]]}', dtype=object), transpose)
+  else:
+    raise KeyError(f'no checkpoint name for parameter {"/".join(map(str, path))}')
+  template = _BLOCK[rest]
+  experts = range(shape[1] if path[0] != 'mtp' else shape[0]) if '{e}' in template else [None]
+  names = np.array([[f'model.layers.{l}.' + template.format(e=e) for e in experts] for l in layers], dtype=object)
+  if path[0] == 'mtp':
+    names = names[0]
+  if '{e}' not in template:
+    names = names[..., 0]
+  return Source(names, transpose)
+
+
+# Loading --------------------------------------------------------------------------------------------
+
+
+def load_hf(path: str, dtype=jnp.float32, **config_overrides) -> tuple[ModelConfig, DeepSeekV3]:
+  """Reads a HF DeepSeek-V3 directory into (config, model) with params and activations in `dtype`.
+
+  Raises ValueError naming the tensor for a missing, unknown, mis-shaped or wrongly typed tensor.
+  """
+  with open(os.path.join(path, 'config.json')) as f:
+    hf_config = json.load(f)
+  _check_quantization(hf_config.get('quantization_config'))
+  store = SafetensorsDir(path)
+  dtype_name = jnp.dtype(dtype).name
+  cfg = ModelConfig.from_hf(hf_config, param_dtype=dtype_name, dtype=dtype_name, **config_overrides)
+  # The MTP layers are optional in a checkpoint (transformers' save_pretrained drops them).
+  present = sum(f'model.layers.{cfg.n_layers + k}.eh_proj.weight' in store for k in range(cfg.n_mtp_layers))
+  cfg = cfg.replace(n_mtp_layers=present)
+
+  abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  layout = checkpoint_layout(abstract)
+  _check_unknown(store, layout, cfg)
+  for path, variable in nnx.to_flat_state(state):
+    variable.set_value(jnp.asarray(_assemble(store, layout[path], variable.shape, variable.dtype)))
+  return cfg, nnx.merge(graphdef, state)
+
+
+def _check_quantization(quant) -> None:
+  if quant is None:
+    return
+  if quant.get('quant_method') != 'fp8' or quant.get('fmt', 'e4m3') != 'e4m3':
+    raise ValueError(f'config.json: quantization_config {quant} is not DeepSeek FP8 (quant_method fp8, e4m3)')
+  if list(quant.get('weight_block_size', [FP8_BLOCK, FP8_BLOCK])) != [FP8_BLOCK, FP8_BLOCK]:
+    raise ValueError(f'config.json: quantization_config.weight_block_size {quant["weight_block_size"]} '
+                     f'is not [{FP8_BLOCK}, {FP8_BLOCK}]')
+
+
+def _check_unknown(store: SafetensorsDir, layout: dict[tuple, Source], cfg: ModelConfig) -> None:
+  known = set()
+  for source in layout.values():
+    for name in source.names.flat:
+      known.update((name, name + '_scale_inv'))
+  for k in range(cfg.n_mtp_layers):
+    known.update(f'model.layers.{cfg.n_layers + k}.{copy}' for copy in _MTP_COPIES)
+  unknown = sorted(store.names() - known)
+  if unknown:
+    more = f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''
+    raise ValueError(f'checkpoint tensor {unknown[0]!r}{more} does not belong to this model config')
+
+
+def _assemble(store: SafetensorsDir, source: Source, shape, dtype) -> np.ndarray:
+  out = np.empty(shape, dtype)
+  stack = source.names.shape
+  for index in np.ndindex(*stack):
+    name = source.names[index]
+    want = tuple(shape[len(stack):])
+    want_stored = want[::-1] if source.transpose else want
+    tensor = read_tensor(store, name, want_stored)
+    out[index] = tensor.T if source.transpose else tensor
+  return out
+
+
+def read_tensor(store: SafetensorsDir, name: str, shape: tuple[int, ...]) -> np.ndarray:
+  """One checkpoint tensor as float32, FP8 dequantized, with its shape and dtype checked."""
+  if name not in store:
+    raise ValueError(f'checkpoint is missing tensor {name!r}')
+  if store.shape(name) != tuple(shape):
+    raise ValueError(f'checkpoint tensor {name!r} has shape {store.shape(name)}, expected {tuple(shape)}')
+  code = store.dtype_code(name)
+  scale_name = name + '_scale_inv'
+  if code == 'F8_E4M3':
+    if scale_name not in store:
+      raise ValueError(f'checkpoint tensor {name!r} is float8_e4m3fn but {scale_name!r} is missing')
+    return dequantize_fp8(store.read(name), read_scale(store, scale_name, shape))
+  if code not in _FLOAT_CODES:
+    raise ValueError(f'checkpoint tensor {name!r} has dtype {code}, expected one of {_FLOAT_CODES} or F8_E4M3')
+  if scale_name in store:
+    raise ValueError(f'checkpoint tensor {scale_name!r} scales {name!r}, which is {code}, not F8_E4M3')
+  return store.read(name).astype(np.float32)
+
+
+def read_scale(store: SafetensorsDir, scale_name: str, weight_shape) -> np.ndarray:
+  want = tuple(-(-d // FP8_BLOCK) for d in weight_shape)
+  if len(weight_shape) != 2 or store.shape(scale_name) != want:
+    raise ValueError(f'checkpoint tensor {scale_name!r} has shape {store.shape(scale_name)}, expected {want} '
+                     f'(one scale per {FP8_BLOCK}x{FP8_BLOCK} block of a {tuple(weight_shape)} weight)')
+  if store.dtype_code(scale_name) != 'F32':
+    raise ValueError(f'checkpoint tensor {scale_name!r} has dtype {store.dtype_code(scale_name)}, expected F32')
+  return store.read(scale_name)
+
+
+def dequantize_fp8(w_fp8, scale_inv, block: int = FP8_BLOCK) -> np.ndarray:
+  """w[i, j] * scale_inv[i // block, j // block] in float32 (official `weight_dequant`)."""
+  rows, cols = w_fp8.shape
+  scale = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), block, axis=0), block, axis=1)[:rows, :cols]
+  return np.asarray(w_fp8).astype(np.float32) * scale
+
+
+# Saving ---------------------------------------------------------------------------------------------
+
+
+def save_hf(cfg: ModelConfig, model: DeepSeekV3, path: str, max_shard_bytes: int = 5 * 10**9) -> None:
+  """Writes config.json and safetensors shards in the official layout; `load_hf(path)` reproduces model."""
+  if model.cfg != cfg:
+    raise ValueError('save_hf: cfg differs from the config the model was built with')
+  write_dir(path, _tensors(model), max_shard_bytes)
+  write_json(os.path.join(path, 'config.json'), cfg.to_hf())
+
+
+def _tensors(model: DeepSeekV3) -> Iterator[tuple]:
+  state = dict(nnx.to_flat_state(nnx.state(model)))
+  for path, source in checkpoint_layout(model).items():
+    variable = state[path]
+    stack = source.names.shape
+    for index in np.ndindex(*stack):
+      shape = tuple(variable.shape[len(stack):])
+      yield (source.names[index], shape[::-1] if source.transpose else shape, variable.dtype,
+             lambda v=variable, i=index, t=source.transpose: _host(v, i, t))
+  cfg = model.cfg
+  for k in range(cfg.n_mtp_layers):
+    prefix = f'model.layers.{cfg.n_layers + k}.'
+    for name, path in zip(_MTP_COPIES, (('embed', 'embedding'), ('head', 'kernel'))):
+      variable, transpose = state[path], path[-1] == 'kernel'
+      shape = variable.shape[::-1] if transpose else variable.shape
+      yield prefix + name, shape, variable.dtype, lambda v=variable, t=transpose: _host(v, (), t)
+
+
+def _host(variable, index, transpose: bool) -> np.ndarray:
+  array = np.asarray(variable[...][index])
+  return array.T if transpose else array

@@ -1,0 +1,211 @@
+"""HF checkpoint I/O: FP8 loading (against transformers and the official formula), save/load round trips,
+and a clear error for every kind of bad checkpoint."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from flax import nnx
+
+from deepseek_jax.config import PRESETS
+from deepseek_jax.hf import dequantize_fp8, load_hf, save_hf
+from deepseek_jax.safetensors_io import SafetensorsDir, write_dir
+from tests.helpers import forward, mtp_forward, random_model
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+TINY = PRESETS['tiny']
+FP8_CONFIG = {'activation_scheme': 'dynamic', 'fmt': 'e4m3', 'quant_method': 'fp8', 'weight_block_size': [128, 128]}
+
+
+def quantize_fp8(w, block=128):
+  """DeepSeek's weight format: e4m3 values and one fp32 scale (amax / 448) per 128x128 block, edges partial."""
+  rows, cols = w.shape
+  br, bc = -(-rows // block), -(-cols // block)
+  padded = np.zeros((br * block, bc * block), np.float32)
+  padded[:rows, :cols] = w
+  blocks = padded.reshape(br, block, bc, block)
+  scale = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-4) / 448.0
+  q = np.clip(blocks / scale[:, None, :, None], -448, 448).astype(ml_dtypes.float8_e4m3fn)
+  return q.reshape(br * block, bc * block)[:rows, :cols], scale.astype(np.float32)
+
+
+def read_all(path):
+  store = SafetensorsDir(path)
+  return {name: np.array(store.read(name)) for name in sorted(store.names())}
+
+
+def write_all(path, tensors, config):
+  write_dir(path, [(n, a.shape, a.dtype, lambda a=a: a) for n, a in tensors.items()])
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(config, f)
+
+
+def hf_tiny_checkpoint(path, **overrides):
+  """A random transformers DeepseekV3 checkpoint; returns its path and config dict."""
+  config = transformers.DeepseekV3Config(**{
+      'vocab_size': 256, 'hidden_size': 256, 'intermediate_size': 384, 'moe_intermediate_size': 128,
+      'num_hidden_layers': 2, 'first_k_dense_replace': 1, 'num_attention_heads': 2, 'num_key_value_heads': 2,
+      'n_routed_experts': 4, 'num_experts_per_tok': 2, 'n_group': 2, 'topk_group': 1, 'n_shared_experts': 1,
+      'q_lora_rank': 128, 'kv_lora_rank': 64, 'qk_nope_head_dim': 64, 'qk_rope_head_dim': 64, 'v_head_dim': 64,
+      'max_position_embeddings': 128, 'num_nextn_predict_layers': 0, **overrides})
+  torch.manual_seed(0)
+  model = transformers.DeepseekV3ForCausalLM(config)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.normal_(0, 0.05)
+  model.save_pretrained(path)
+  with open(os.path.join(path, 'config.json')) as f:
+    return json.load(f)
+
+
+class FP8Test(parameterized.TestCase):
+
+  def test_loads_exactly_what_transformers_loads(self):
+    src, dst = (os.path.join(self.create_tempdir().full_path, n) for n in ('bf', 'fp8'))
+    config = hf_tiny_checkpoint(src)
+    tensors = {}
+    for name, w in read_all(src).items():
+      # Quantized like the release: every projection; embedding, head, router, norms stay high precision.
+      if w.ndim == 2 and not any(s in name for s in ('embed_tokens', 'lm_head', 'mlp.gate.weight')):
+        tensors[name], tensors[name + '_scale_inv'] = quantize_fp8(w)
+      else:
+        tensors[name] = w
+    self.assertGreater(sum(n.endswith('_scale_inv') for n in tensors), 10)
+    write_all(dst, tensors, {**config, 'quantization_config': FP8_CONFIG})
+
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(dst, dtype=torch.float32)  # CPU: dequantizes
+    hf_state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    cfg, model = load_hf(dst)
+    ours = {'/'.join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    experts = lambda name: ours[f'moe_layers/ffn/experts/{name}'][0].transpose(0, 2, 1)  # [E, out, in]
+    pairs = {  # transformers name -> our weight in its [out, in] layout
+        'model.layers.1.self_attn.kv_b_proj.weight': ours['moe_layers/attn/wkv_b/kernel'][0].T,
+        'model.layers.0.self_attn.q_b_proj.weight': ours['dense_layers/attn/wq_b/kernel'][0].T,
+        'model.layers.0.self_attn.kv_a_proj_with_mqa.weight': ours['dense_layers/attn/wkv_a/kernel'][0].T,
+        'model.layers.0.mlp.down_proj.weight': ours['dense_layers/ffn/w2/kernel'][0].T,
+        'model.layers.1.mlp.shared_experts.gate_proj.weight': ours['moe_layers/ffn/shared_experts/w1/kernel'][0].T,
+        # transformers fuses gate (w1) and up (w3) per expert as gate_up_proj [E, 2I, D]
+        'model.layers.1.mlp.experts.gate_up_proj': np.concatenate([experts('w1'), experts('w3')], axis=1),
+        'model.layers.1.mlp.experts.down_proj': experts('w2'),
+    }
+    for hf_name, got in pairs.items():
+      np.testing.assert_array_equal(got, hf_state[hf_name], err_msg=hf_name)
+
+  def test_partial_edge_blocks_follow_the_official_formula(self):
+    # transformers 5.23 derives the block size from the scale grid (rows // grid_rows), which is wrong when a
+    # dimension is not a multiple of 128: V3's kv_a_proj_with_mqa is [576, 7168] with a [5, 56] grid.
+    rng = np.random.default_rng(0)
+    for shape in [(192, 200), (576, 300), (100, 129)]:
+      w = rng.standard_normal(shape).astype(np.float32) * rng.choice([0.01, 1, 30], size=shape)
+      q, s = quantize_fp8(w)
+      got = dequantize_fp8(q, s)
+      want = np.empty(shape, np.float32)
+      for i in range(shape[0]):
+        for j in range(0, shape[1], 7):
+          want[i, j] = np.float32(q[i, j]) * s[i // 128, j // 128]
+      np.testing.assert_array_equal(got[:, ::7], want[:, ::7])
+      # e4m3 keeps 3 mantissa bits (relative error <= 2^-4) down to subnormals spaced 2^-9 * scale.
+      scale = np.repeat(np.repeat(s, 128, 0), 128, 1)[:shape[0], :shape[1]]
+      self.assertTrue(np.all(np.abs(got - w) <= 2**-4 * np.abs(w) + 2**-9 * scale))
+
+
+class RoundTripTest(parameterized.TestCase):
+
+  @parameterized.parameters(('float32', 10**9), ('bfloat16', 20_000))
+  def test_save_load_is_exact(self, dtype, shard_bytes):
+    cfg = TINY.replace(param_dtype=dtype, dtype=dtype)
+    model = random_model(cfg, seed=1)
+    path = self.create_tempdir().full_path
+    save_hf(cfg, model, path, max_shard_bytes=shard_bytes)
+    self.assertEqual(os.path.exists(os.path.join(path, 'model.safetensors.index.json')), shard_bytes < 10**9)
+    cfg2, model2 = load_hf(path, dtype=jnp.dtype(dtype))
+    self.assertEqual(cfg2, cfg.replace(norm_topk_prob=cfg.renormalize_topk))
+    a, b = (dict(nnx.to_flat_state(nnx.state(m))) for m in (model, model2))
+    self.assertEqual(a.keys(), b.keys())
+    for key in a:
+      self.assertEqual(a[key].dtype, b[key].dtype, key)
+      np.testing.assert_array_equal(np.asarray(a[key][...]), np.asarray(b[key][...]), err_msg=str(key))
+    tokens = jnp.arange(24).reshape(2, 12) % cfg.vocab_size
+    np.testing.assert_array_equal(mtp_forward(model, tokens).logits_DBTW, mtp_forward(model2, tokens).logits_DBTW)
+
+  def test_transformers_reads_what_we_write(self):
+    model = random_model(TINY, seed=2)
+    path = self.create_tempdir().full_path
+    save_hf(TINY, model, path)
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (2, 20))
+    with torch.no_grad():
+      want = hf(torch.from_numpy(tokens)).logits.numpy()
+    got = np.asarray(forward(model, jnp.asarray(tokens)).logits_BTW)
+    self.assertLessEqual(np.abs(got - want).max(), 1e-4 * np.abs(want).max())
+
+
+class BadCheckpointTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.good = os.path.join(self.create_tempdir().full_path, 'good')
+    self.config = hf_tiny_checkpoint(self.good)
+    self.tensors = read_all(self.good)
+    self.bad = os.path.join(self.create_tempdir().full_path, 'bad')
+
+  def assert_load_error(self, tensors, message, config=None):
+    write_all(self.bad, tensors, config or self.config)
+    with self.assertRaisesRegex(ValueError, message):
+      load_hf(self.bad)
+
+  def test_good_checkpoint_loads(self):
+    load_hf(self.good)
+
+  def test_missing_tensor(self):
+    name = 'model.layers.1.mlp.experts.3.up_proj.weight'
+    self.assert_load_error({k: v for k, v in self.tensors.items() if k != name}, f'missing tensor {name!r}')
+
+  def test_wrong_shape(self):
+    name = 'model.layers.0.self_attn.kv_b_proj.weight'
+    self.assert_load_error({**self.tensors, name: self.tensors[name][:-1]}, f'{name!r} has shape')
+
+  def test_unexpected_dtype(self):
+    name = 'model.norm.weight'
+    self.assert_load_error({**self.tensors, name: self.tensors[name].astype(np.int32)}, f'{name!r} has dtype I32')
+
+  def test_unknown_tensor(self):
+    self.assert_load_error({**self.tensors, 'model.layers.0.mlp.extra.weight': np.zeros(3, np.float32)},
+                           'model.layers.0.mlp.extra.weight')
+
+  def test_fp8_without_scale(self):
+    name = 'model.layers.0.self_attn.o_proj.weight'
+    q, _ = quantize_fp8(self.tensors[name])
+    self.assert_load_error({**self.tensors, name: q}, f'{name + "_scale_inv"!r} is missing')
+
+  def test_fp8_bad_scale_shape(self):
+    name = 'model.layers.0.self_attn.o_proj.weight'
+    q, s = quantize_fp8(self.tensors[name])
+    self.assert_load_error({**self.tensors, name: q, name + '_scale_inv': s[:, :1].repeat(3, 1)},
+                           f'{name + "_scale_inv"!r} has shape')
+
+  def test_scale_for_unquantized_weight(self):
+    name = 'model.layers.0.self_attn.o_proj.weight'
+    self.assert_load_error({**self.tensors, name + '_scale_inv': np.ones((1, 1), np.float32)}, 'not F8_E4M3')
+
+  def test_bad_quantization_block(self):
+    self.assert_load_error(self.tensors, 'weight_block_size',
+                           {**self.config, 'quantization_config': {**FP8_CONFIG, 'weight_block_size': [64, 64]}})
+
+  def test_index_lists_missing_file(self):
+    write_all(self.bad, self.tensors, self.config)
+    with open(os.path.join(self.bad, 'model.safetensors.index.json'), 'w') as f:
+      json.dump({'weight_map': {'model.norm.weight': 'model-00002-of-00002.safetensors'}}, f)
+    with self.assertRaisesRegex(FileNotFoundError, 'model-00002-of-00002'):
+      load_hf(self.bad)
+
+  def test_missing_config(self):
+    os.remove(os.path.join(self.good, 'config.json'))
+    with self.assertRaisesRegex(FileNotFoundError, 'config.json'):
+      load_hf(self.good)

@@ -1,0 +1,77 @@
+"""The training loss against a hand-written reference: next-token CE, masked MTP CE, balance loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+from flax import nnx
+
+from deepseek_jax.config import PRESETS
+from deepseek_jax.loss import balance_loss, loss_fn
+from deepseek_jax.moe import MoEStats
+from tests.helpers import forward, mtp_forward, random_model
+
+TINY = PRESETS['tiny']
+
+
+def ce(logits, targets):
+  logits = np.asarray(logits, np.float64)
+  logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  return logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+
+class LossTest(parameterized.TestCase):
+
+  @parameterized.parameters(1, 2)
+  def test_matches_reference(self, depth):
+    cfg = TINY.replace(n_mtp_layers=depth)
+    model = random_model(cfg, seed=0)
+    seq = np.asarray(jax.random.randint(jax.random.key(1), (3, 13), 0, cfg.vocab_size))
+    lam, alpha = 0.3, 0.01
+    terms = nnx.jit(lambda m, s: loss_fn(m, s, mtp_lambda=lam, balance_alpha=alpha))(model, jnp.asarray(seq))
+
+    inputs, targets = seq[:, :-1], seq[:, 1:]
+    out = forward(model, jnp.asarray(inputs))
+    want_ce = ce(out.logits_BTW, targets).mean()
+    mtp = mtp_forward(model, jnp.asarray(inputs))
+    t = inputs.shape[1]
+    # Depth k at position i predicts seq[i + k + 1] = targets[i + k]; positions i >= t - k have no target.
+    want_mtp = lam * np.mean([ce(mtp.logits_DBTW[k - 1][:, :t - k], targets[:, k:]).mean()
+                              for k in range(1, depth + 1)])
+    stats = [out.moe_stats, mtp.moe_stats]
+    want_bal = alpha * sum(
+        np.mean([np.dot(s.load_BE[l, b], s.prob_BE[l, b]) for b in range(3)])
+        for s in stats for l in range(s.counts_E.shape[0]))
+    np.testing.assert_allclose(terms.ce, want_ce, rtol=1e-5)
+    np.testing.assert_allclose(terms.mtp, want_mtp, rtol=1e-5)
+    np.testing.assert_allclose(terms.balance, want_bal, rtol=1e-5)
+    np.testing.assert_allclose(terms.total, want_ce + want_mtp + want_bal, rtol=1e-5)
+    self.assertEqual(terms.expert_counts_LE.shape, (cfg.n_moe_layers + depth, cfg.n_routed_experts))
+    np.testing.assert_array_equal(terms.expert_counts_LE.sum(-1), 3 * 12 * cfg.n_activated_experts)
+
+  def test_balance_gradient_only_through_p(self):
+    load = jnp.array([[[2.0, 0.0, 1.0]]])
+    prob = jnp.array([[[0.5, 0.2, 0.3]]])
+    g_load, g_prob = jax.grad(lambda f, p: balance_loss(MoEStats(None, f, p)), argnums=(0, 1))(load, prob)
+    np.testing.assert_array_equal(g_load, 0.0)
+    np.testing.assert_allclose(g_prob, load)
+
+  def test_balanced_routing_scores_one(self):
+    # Perfect balance (f_i = 1, P_i = 1/E) gives sum_i f_i P_i = 1: the loss's minimum scale (Eq. 17).
+    e = 8
+    self.assertAlmostEqual(float(balance_loss(MoEStats(None, jnp.ones((1, 2, e)), jnp.full((1, 2, e), 1 / e)))), 1.0)
+
+  def test_loss_gradients_are_finite_and_reach_mtp(self):
+    model = random_model(TINY, seed=2)
+    seq = jax.random.randint(jax.random.key(3), (2, 9), 0, TINY.vocab_size)
+    params = nnx.state(model, nnx.Param)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+      return loss_fn(nnx.merge(graphdef, p, rest), seq).total
+
+    grads = jax.jit(jax.grad(loss))(params)
+    flat = dict(nnx.to_flat_state(grads))
+    self.assertTrue(all(np.all(np.isfinite(v[...])) for v in flat.values()))
+    self.assertGreater(float(jnp.abs(flat[('mtp', 0, 'eh_proj', 'kernel')][...]).max()), 0)
+    self.assertNotIn(('moe_layers', 'ffn', 'gate', 'bias'), flat)  # the router bias is not a Param
