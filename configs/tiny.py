@@ -1,11 +1,17 @@
-"""The unit-test model, for smoke runs of the launchers."""
+"""The unit-test model on a slice of the standard library: a smoke run in seconds."""
 
-import ml_collections
+from configs.common import base_config
 
 
-def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.model = 'tiny'
-  config.seed = 0
+def get_config():
+  config = base_config('tiny', steps=20, batch_size=4, seq_len=32, peak_lr=3e-3, warmup_tokens=4 * 4 * 32)
+  config.model_overrides = {'vocab_size': 512}
+  config.data.vocab_size = 512
+  config.data.max_documents = 40
+  config.data.val_fraction = 0.1
+  config.log_every = 5
+  config.eval_every = 10
+  config.eval_batches = 2
+  config.checkpoint_every = 5
   config.sample_tokens = 16
   return config

@@ -62,6 +62,8 @@ class ModelConfig:
   param_dtype: str = 'float32'
   dtype: str = 'float32'  # activation / matmul dtype.
   gmm_impl: str = 'auto'  # routed-expert grouped matmul, see grouped_matmul.IMPLS.
+  remat: bool = False  # recompute each block in the backward pass instead of storing its activations.
+  scan_layers: bool = True  # False unrolls the layer loop: faster small models on CPU, compile time ~ depth.
 
   def __post_init__(self):
     _validate(self)

@@ -62,10 +62,10 @@ class DeepSeekV3(nnx.Module):
   def trunk(self, x_BTD, positions_BT) -> tuple[jax.Array, MoEStats | None]:
     """Embeddings -> every block -> final norm: the hidden state the head reads."""
     if self.dense_layers is not None:
-      x_BTD, _ = scan_blocks(self.dense_layers, x_BTD, positions_BT)
+      x_BTD, _ = scan_blocks(self.dense_layers, x_BTD, positions_BT, self.cfg.remat, not self.cfg.scan_layers)
     stats = None
     if self.moe_layers is not None:
-      x_BTD, stats = scan_blocks(self.moe_layers, x_BTD, positions_BT)
+      x_BTD, stats = scan_blocks(self.moe_layers, x_BTD, positions_BT, self.cfg.remat, not self.cfg.scan_layers)
     return self.norm(x_BTD), stats
 
   def mtp_forward(self, tokens_BT, hidden_BTD) -> MTPOutput:

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax import grouped_matmul as gm
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.grouped_matmul import gmm
 from deepseek_jax.layers import MLP, normal_param
 from deepseek_jax.router import Gate, Routing
 
@@ -39,18 +39,11 @@ class RoutedExperts(nnx.Module):
     self.w3 = normal_param(rngs, (e, d, i), ('expert', 'embed', 'moe_mlp'), cfg)
 
   def __call__(self, x_XD, experts_XK, weights_XK):
-    n, k = experts_XK.shape
-    e = self.w1.shape[0]
-    flat_M = experts_XK.reshape(-1)
-    order_M = jnp.argsort(flat_M, stable=True)  # routed copies grouped by expert
-    group_sizes_E = jnp.bincount(flat_M, length=e)
-    x_MD = x_XD.astype(self.dtype)[order_M // k]
+    dispatch = gm.plan(experts_XK, self.w1.shape[0], self.gmm_impl)
+    rows_SD = gm.gather(dispatch, x_XD.astype(self.dtype))  # S: routed copies laid out by expert
     w1, w2, w3 = (w[...].astype(self.dtype) for w in (self.w1, self.w2, self.w3))
-    h_MI = jax.nn.silu(gmm(x_MD, w1, group_sizes_E, self.gmm_impl)) * gmm(x_MD, w3, group_sizes_E, self.gmm_impl)
-    y_MD = gmm(h_MI, w2, group_sizes_E, self.gmm_impl)
-    unsort_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(n * k, dtype=order_M.dtype))
-    y_XKD = y_MD[unsort_M].reshape(n, k, -1)
-    return jnp.einsum('nkd,nk->nd', y_XKD, weights_XK.astype(self.dtype))
+    h_SI = jax.nn.silu(gm.matmul(dispatch, rows_SD, w1)) * gm.matmul(dispatch, rows_SD, w3)
+    return gm.combine(dispatch, gm.matmul(dispatch, h_SI, w2), weights_XK)
 
 
 class MoE(nnx.Module):

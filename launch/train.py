@@ -1,40 +1,39 @@
-r"""Training launcher (absl). The trainer arrives with issue [2/5]; today it builds the configured model,
-reports its size and prints a greedy sample.
+r"""Train a DeepSeek-V3 model (absl). Rerun the same command to resume from the newest checkpoint.
 
-  python -m launch.train --config=configs/demo.py --workdir=runs/demo [--config.seed=1]
+  python -m launch.train --config=configs/demo.py --workdir=runs/demo [--config.steps=1000 ...]
 """
 
-import time
+import logging as std_logging
 
-import jax
-import jax.numpy as jnp
-from absl import app, flags
-from flax import nnx
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepseek_jax import cost
-from deepseek_jax.config import PRESETS
-from deepseek_jax.model import DeepSeekV3
-from deepseek_jax.sampling import greedy_rollout
+from deepseek_jax.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, tokenizer, sample.')
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Orbax narrates every save at INFO; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  cfg = PRESETS[config.model]
-  start = time.time()
-  model = nnx.jit(DeepSeekV3, static_argnums=0)(cfg, nnx.Rngs(config.seed))
-  summary = cost.summary(cfg)
-  print(f'{config.model}: {summary["total_params"] / 1e6:.2f}M parameters, '
-        f'{summary["active_params"] / 1e6:.2f}M active per token, {summary["mtp_params"] / 1e6:.2f}M in MTP '
-        f'(built in {time.time() - start:.1f}s on {jax.devices()[0].platform})')
-  sample = greedy_rollout(model, jnp.zeros((1, 1), jnp.int32), config.sample_tokens)
-  print('greedy sample (token ids, untrained model):', sample[0].tolist())
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.info('config:\n%s', _CONFIG.value)
+  result = train(_CONFIG.value, _WORKDIR.value)
+  if result.preempted:
+    print(f'stopped at step {result.step} on request; rerun the same command to resume')
+    return
+  print(f'step {result.step}: validation loss {result.val_loss:.4f} nats/token')
+  print('sample:\n' + result.sample)
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
+  logging.set_verbosity(logging.INFO)
   app.run(main)

@@ -1,4 +1,4 @@
-"""Grouped matmul: equality with the per-group definition, gradients, and cost independent of the group count."""
+"""Expert dispatch: equality with the per-expert definition, gradients, and cost independent of the expert count."""
 
 import chex
 import jax
@@ -6,56 +6,74 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from deepseek_jax.grouped_matmul import gmm, gmm_reference, gmm_tiled, tile_rows
+from deepseek_jax import grouped_matmul as gm
 
 
-def problem(key, m=96, p=24, o=16, sizes=(0, 40, 3, 0, 29, 24)):
-  kx, kw = jax.random.split(key)
-  x = jax.random.normal(kx, (m, p)).at[5, :].mul(50.0)  # an outlier row
-  w = jax.random.normal(kw, (len(sizes), p, o))
-  assert sum(sizes) == m
-  return x, w, jnp.array(sizes, jnp.int32)
+def routed_ffn(x_XD, experts_XK, weights_XK, w_EDO, impl):
+  d = gm.plan(experts_XK, w_EDO.shape[0], impl)
+  return gm.combine(d, gm.matmul(d, gm.gather(d, x_XD), w_EDO), weights_XK)
 
 
-class GroupedMatmulTest(parameterized.TestCase):
+def reference_ffn(x_XD, experts_XK, weights_XK, w_EDO):
+  """Per copy: weights[x, k] * x[x] @ w[experts[x, k]]."""
+  return jnp.einsum('xk,xko->xo', weights_XK, jnp.einsum('xd,xkdo->xko', x_XD, w_EDO[experts_XK]))
+
+
+def problem(key, x=40, k=3, d=24, o=16, e=6):
+  kx, kw, ke, kg = jax.random.split(key, 4)
+  x_XD = jax.random.normal(kx, (x, d)).at[5].mul(50.0)  # an outlier token
+  w_EDO = jax.random.normal(kw, (e, d, o))
+  # Experts 1 and 4 get nothing: empty groups must work.
+  experts_XK = jax.vmap(lambda key: jax.random.choice(key, jnp.array([0, 2, 3, 5]), (k,), replace=False))(
+      jax.random.split(ke, x)).astype(jnp.int32)
+  return x_XD, experts_XK, jax.random.uniform(kg, (x, k)), w_EDO
+
+
+class DispatchTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters('tiled', 'ragged_dot')
   def test_matches_reference(self, impl):
-    x, w, sizes = problem(jax.random.key(0))
-    got = self.variant(lambda x, w, s: gmm(x, w, s, impl))(x, w, sizes)
-    np.testing.assert_allclose(got, gmm_reference(x, w, sizes), rtol=1e-5, atol=1e-4)
-
-  @parameterized.parameters(8, 16, 128)
-  def test_tiles_smaller_and_larger_than_groups(self, tile):
-    x, w, sizes = problem(jax.random.key(1))
-    np.testing.assert_allclose(gmm_tiled(x, w, sizes, tile=tile), gmm_reference(x, w, sizes), rtol=1e-5, atol=1e-4)
+    x, experts, weights, w = problem(jax.random.key(0))
+    got = self.variant(lambda *a: routed_ffn(*a, impl))(x, experts, weights, w)
+    np.testing.assert_allclose(got, reference_ffn(x, experts, weights, w), rtol=1e-5, atol=1e-3)
 
   @parameterized.parameters('tiled', 'ragged_dot')
   def test_gradients(self, impl):
-    x, w, sizes = problem(jax.random.key(2))
-    cot = jax.random.normal(jax.random.key(3), (x.shape[0], w.shape[-1]))
-    got = jax.grad(lambda x, w: jnp.sum(gmm(x, w, sizes, impl) * cot), argnums=(0, 1))(x, w)
-    want = jax.grad(lambda x, w: jnp.sum(gmm_reference(x, w, sizes) * cot), argnums=(0, 1))(x, w)
+    x, experts, weights, w = problem(jax.random.key(1))
+    cot = jax.random.normal(jax.random.key(2), (x.shape[0], w.shape[-1]))
+    got = jax.grad(lambda *a: jnp.sum(routed_ffn(*a[:2], a[2], a[3], impl) * cot), argnums=(0, 2, 3))(
+        x, experts, weights, w)
+    want = jax.grad(lambda *a: jnp.sum(reference_ffn(*a) * cot), argnums=(0, 2, 3))(x, experts, weights, w)
     for g, r in zip(got, want):
       np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-3)
 
+  def test_reference_matmul_on_sorted_rows(self):
+    rows = jax.random.normal(jax.random.key(3), (10, 4))
+    w = jax.random.normal(jax.random.key(4), (3, 4, 2))
+    sizes = jnp.array([4, 0, 6])
+    want = jnp.concatenate([rows[:4] @ w[0], rows[4:] @ w[2]])
+    np.testing.assert_allclose(gm.reference_matmul(rows, w, sizes), want, rtol=1e-6)
+    np.testing.assert_allclose(jax.lax.ragged_dot(rows, w, sizes), want, rtol=1e-6)
+
   def test_tile_padding_bound(self):
-    for m, g in [(8192, 16), (64, 8), (4096, 256), (100, 3)]:
-      tile = tile_rows(m, g)
-      self.assertTrue(8 <= tile <= 128 and tile & (tile - 1) == 0)
-      self.assertTrue(g * tile <= max(m // 4, 8 * g))  # padding below M/4 unless the 8-row floor binds
+    for m, g in [(8192, 16), (64, 8), (4096, 256), (100, 3), (10**6, 8)]:
+      tile = gm.tile_rows(m, g)
+      self.assertTrue(128 <= tile <= 256 and tile & (tile - 1) == 0)
+      self.assertLessEqual(g * tile, max(m // 2, 128 * g))
 
-  def test_cost_independent_of_group_count(self):
-    """Compiled FLOPs of the tiled gmm stay flat from 4 to 64 experts at fixed routed rows."""
-    m, p, o = 4096, 128, 64
+  def test_cost_independent_of_expert_count(self):
+    """Compiled FLOPs of a tiled expert matmul at fixed routed copies, from 8 to 64 experts."""
+    x, k, d, o = 2048, 4, 128, 64
 
-    def flops(g, impl):
-      args = (jax.ShapeDtypeStruct((m, p), jnp.float32), jax.ShapeDtypeStruct((g, p, o), jnp.float32),
-              jax.ShapeDtypeStruct((g,), jnp.int32))
-      return jax.jit(lambda x, w, s: gmm(x, w, s, impl)).lower(*args).compile().cost_analysis()['flops']
+    def flops(e, impl):
+      fn = lambda x_XD, experts_XK, w_EDO: routed_ffn(x_XD, experts_XK, jnp.ones((x, k)), w_EDO, impl)
+      args = (jax.ShapeDtypeStruct((x, d), jnp.float32), jax.ShapeDtypeStruct((x, k), jnp.int32),
+              jax.ShapeDtypeStruct((e, d, o), jnp.float32))
+      return jax.jit(fn).lower(*args).compile().cost_analysis()['flops']
 
-    tiled = flops(64, 'tiled') / flops(4, 'tiled')
-    self.assertLess(tiled, 1.5)
-    # Why CPU does not use ragged_dot: XLA:CPU expands it into a dense masked product over every group.
-    self.assertGreater(flops(64, 'ragged_dot') / flops(4, 'ragged_dot'), 8)
+    ideal = 2 * x * k * d * o
+    self.assertLess(flops(8, 'tiled'), 1.5 * ideal)
+    self.assertLess(flops(64, 'tiled'), 2.2 * ideal)  # padding <= 128 rows per expert: 64 * 128 = M
+    # Why CPU does not use ragged_dot: XLA:CPU expands it into a dense masked product over every expert.
+    self.assertGreater(flops(64, 'ragged_dot') / flops(8, 'ragged_dot'), 6)

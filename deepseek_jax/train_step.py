@@ -1,0 +1,107 @@
+"""One optimizer step: loss and gradients, AdamW, the aux-loss-free bias update, a non-finite guard.
+
+train_step = nnx.split -> jax.value_and_grad over the Params -> AdamW update under plain jax.jit. After the
+update, each MoE layer's RouterBias moves by the sign rule on the whole global batch's counts (spec §3.3):
+  b_i <- b_i + gamma * sign(mean_j load_j - load_i)
+outside autodiff and the optimizer. A step whose loss or gradient norm is not finite changes nothing but
+two counters (total skipped, current streak); the trainer stops on a long streak.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from deepseek_jax.loss import loss_fn
+from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.router import RouterBias
+
+
+class TrainState(NamedTuple):
+  params: nnx.State  # nnx.Param values: fp32 master weights
+  bias: nnx.State  # RouterBias values (empty for models without a correction bias)
+  opt_state: optax.OptState
+  skipped: jax.Array  # int32 steps skipped for a non-finite loss or gradient
+  streak: jax.Array  # int32 consecutive skipped steps
+
+
+class Hyper(NamedTuple):
+  """Per-step values of the token-based schedules (traced scalars: no recompilation when they change)."""
+  lr: jax.Array
+  gamma: jax.Array
+  mtp_lambda: jax.Array
+  balance_alpha: jax.Array
+
+
+def init_train_state(model: DeepSeekV3, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+  graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
+  # Two distinct counters: a train step donates its state, and one buffer cannot be donated twice.
+  return graphdef, TrainState(params, bias, tx.init(params), jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
+
+
+def update_router_bias(bias: nnx.State, counts_LE, gamma) -> nnx.State:
+  """Sign-rule update of every RouterBias from its layer's counts (MoE layers in order, then MTP depths)."""
+  flat = sorted(nnx.to_flat_state(bias), key=lambda item: (item[0][0] != 'moe_layers', item[0]))
+  updated, offset = [], 0
+  for path, variable in flat:
+    n = variable.shape[0] if variable.ndim == 2 else 1
+    counts = counts_LE[offset:offset + n].reshape(variable.shape).astype(jnp.float32)
+    offset += n
+    step = gamma * jnp.sign(counts.mean(axis=-1, keepdims=True) - counts)
+    updated.append((path, variable.replace(variable[...] + step)))
+  if offset != (0 if counts_LE is None else counts_LE.shape[0]):
+    raise ValueError(f'update_router_bias: {offset} biased layers for {counts_LE.shape[0]} count rows')
+  return nnx.from_flat_state(updated)
+
+
+def _grads_and_terms(graphdef, params, bias, tokens_BS, hyper: Hyper):
+  def loss(p):
+    terms = loss_fn(nnx.merge(graphdef, p, bias), tokens_BS, mtp_lambda=hyper.mtp_lambda,
+                    balance_alpha=hyper.balance_alpha)
+    return terms.total, terms
+
+  (_, terms), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  return grads, terms
+
+
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState, tokens_NBS,
+               hyper: Hyper) -> tuple[TrainState, dict]:
+  """tokens_NBS: the global batch as N microbatches [N, B, S]; gradients and counts accumulate over them."""
+  n_micro = tokens_NBS.shape[0]
+  grads_and_terms = lambda tokens_BS: _grads_and_terms(graphdef, state.params, state.bias, tokens_BS, hyper)
+  if n_micro == 1:
+    grads, terms = grads_and_terms(tokens_NBS[0])
+  else:
+    def accumulate(carry, tokens_BS):
+      return jax.tree.map(jnp.add, carry, grads_and_terms(tokens_BS)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(grads_and_terms, tokens_NBS[0]))
+    (grads, terms), _ = jax.lax.scan(accumulate, zeros, tokens_NBS)
+    grads = jax.tree.map(lambda g: g / n_micro, grads)
+    terms = terms._replace(**{k: getattr(terms, k) / n_micro for k in ('total', 'ce', 'mtp', 'balance')})
+
+  grad_norm = optax.tree.norm(grads)
+  ok = jnp.isfinite(terms.total) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = jax.tree.map(lambda p, u: (p - hyper.lr * u).astype(p.dtype), state.params, updates)
+  bias = state.bias
+  if terms.expert_counts_LE is not None and len(nnx.to_flat_state(bias)):
+    bias = update_router_bias(bias, terms.expert_counts_LE, hyper.gamma)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  new_state = TrainState(keep(params, state.params), keep(bias, state.bias), keep(opt_state, state.opt_state),
+                         state.skipped + (~ok).astype(jnp.int32), jnp.where(ok, 0, state.streak + 1))
+  metrics = {'loss': terms.total, 'ce': terms.ce, 'mtp': terms.mtp, 'balance': terms.balance,
+             'grad_norm': grad_norm, 'ok': ok}
+  if terms.expert_counts_LE is not None:
+    counts = terms.expert_counts_LE.astype(jnp.float32)
+    metrics['load_max_over_mean'] = counts.max(axis=-1) / counts.mean(axis=-1)
+  return new_state, metrics
+
+
+def eval_step(graphdef: nnx.GraphDef, state: TrainState, tokens_BS) -> dict:
+  terms = loss_fn(nnx.merge(graphdef, state.params, state.bias), tokens_BS)
+  return {'ce': terms.ce}

@@ -1,0 +1,215 @@
+"""The training loop behind `launch/train.py`: data, model, resume, steps, evaluation, checkpoints, sample.
+
+Rerunning the same command resumes from the newest readable checkpoint with the data iterator where it
+stopped, so per-step losses match an uninterrupted run bit for bit on CPU. SIGTERM / SIGINT finish the
+current step, save, and return (a TPU VM preemption notice becomes a clean exit). Metrics go to
+WORKDIR/metrics.jsonl and TensorBoard; the run ends with a loss-curve PNG and a greedy sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from deepseek_jax import data, schedules
+from deepseek_jax.checkpoint import Checkpointer
+from deepseek_jax.config import PRESETS, ModelConfig
+from deepseek_jax.metrics import MetricsWriter, plot_loss_curve, read_metrics
+from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.optimizer import adamw
+from deepseek_jax.sampling import greedy_rollout
+from deepseek_jax.train_step import Hyper, TrainState, eval_step, init_train_state, train_step
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  preempted: bool
+  val_loss: float | None
+  sample: str | None
+
+
+def model_config(config) -> ModelConfig:
+  return PRESETS[config.model].replace(**dict(config.get('model_overrides', {})))
+
+
+def train(config, workdir: str) -> TrainResult:
+  """Trains (or resumes) the run in `workdir` as `config` describes."""
+  os.makedirs(workdir, exist_ok=True)
+  corpus = data.prepare(config.data, os.path.join(workdir, 'data'))
+  cfg = model_config(config)
+  if corpus.vocab_size > cfg.vocab_size:
+    raise ValueError(f'the tokenizer has {corpus.vocab_size} tokens but the model vocab_size is {cfg.vocab_size}')
+  if config.seq_len > cfg.max_seq_len:
+    raise ValueError(f'seq_len={config.seq_len} exceeds the model max_seq_len={cfg.max_seq_len}')
+  _check_batching(config)
+  tx = adamw(**dict(config.optimizer))
+
+  def fresh_state():
+    return init_train_state(DeepSeekV3(cfg, nnx.Rngs(config.seed)), tx)
+
+  graphdef, abstract_state = nnx.eval_shape(fresh_state)
+  checkpoints = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints)
+  batches = data.BatchIterator(corpus.train, config.seq_len, config.seed)
+  restored = checkpoints.restore(abstract_state)
+  if restored is None:
+    step, tokens_seen = 0, 0
+    state = jax.jit(lambda: fresh_state()[1])()
+    logging.info('new run in %s: %s', workdir, _size(cfg))
+  else:
+    step, state, meta = restored
+    tokens_seen = meta['tokens_seen']
+    batches.restore(meta['data'])
+    logging.info('resumed from step %d (%d tokens seen) in %s', step, tokens_seen, workdir)
+
+  step_fn = jax.jit(functools.partial(train_step, graphdef, tx), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef))
+  val_batches = data.validation_batches(corpus.val, config.seq_len, config.eval_batch_size, config.eval_batches)
+  metrics = MetricsWriter(workdir, resume_step=step)
+  stop = _StopRequest()
+  meta = lambda: {'step': step, 'tokens_seen': tokens_seen, 'data': batches.state()}
+  evaluate = lambda state: float(np.mean([float(eval_fn(state, jnp.asarray(b))['ce']) for b in val_batches]))
+
+  pending, val_loss, streak = None, None, 0
+  clock = _Clock(step, config.steps)
+  try:
+    while step < config.steps and not stop.requested:
+      hyper, n_sequences = _hyper(config, tokens_seen)
+      micro = config.microbatch_size or n_sequences
+      tokens = batches.next(n_sequences).reshape(n_sequences // micro, micro, config.seq_len + 1)
+      state, step_metrics = step_fn(state, jnp.asarray(tokens), hyper)
+      step, tokens_seen = step + 1, tokens_seen + n_sequences * config.seq_len
+      # Read the previous step's metrics only now, so the host never waits for the step it just dispatched.
+      if pending is not None:
+        streak = _record(metrics, clock, config, *pending, streak)
+      val_loss = evaluate(state) if step % config.eval_every == 0 or step == config.steps else None
+      pending = (step, step_metrics, hyper.lr, n_sequences * config.seq_len, val_loss)
+      if step % config.checkpoint_every == 0:
+        checkpoints.save(step, state, meta())
+    if pending is not None:
+      _record(metrics, clock, config, *pending, streak)
+    if checkpoints.manager.latest_step() != step:
+      checkpoints.save(step, state, meta())
+    checkpoints.wait()
+  finally:
+    checkpoints.close()
+    metrics.close()
+    stop.release()
+  if stop.requested:
+    logging.info('stop requested (%s): saved step %d, exiting', stop.signal, step)
+    return TrainResult(step, True, val_loss, None)
+  plot_loss_curve(read_metrics(metrics.path), os.path.join(workdir, 'loss.png'))
+  sample = _sample(graphdef, state, corpus.tokenizer, config)
+  with open(os.path.join(workdir, 'sample.txt'), 'w') as f:
+    f.write(sample)
+  return TrainResult(step, False, val_loss if val_loss is not None else evaluate(state), sample)
+
+
+def _check_batching(config) -> None:
+  micro = config.microbatch_size
+  sizes = [config.batch_size] + ([config.batch_ramp.start, config.batch_ramp.multiple] if config.get('batch_ramp')
+                                 else [])
+  if micro and any(size % micro for size in sizes):
+    raise ValueError(f'microbatch_size={micro} must divide batch_size={config.batch_size} (and, with a ramp, '
+                     'batch_ramp.start and batch_ramp.multiple)')
+
+
+def _hyper(config, tokens_seen: int) -> tuple[Hyper, int]:
+  ramp = config.get('batch_ramp')
+  n = config.batch_size if not ramp else schedules.batch_size(
+      tokens_seen, dict(start=ramp.start, end=config.batch_size, ramp_tokens=ramp.tokens, multiple=ramp.multiple))
+  hyper = Hyper(lr=jnp.float32(schedules.learning_rate(tokens_seen, config.lr)),
+                gamma=jnp.float32(schedules.piecewise(tokens_seen, config.gamma)),
+                mtp_lambda=jnp.float32(schedules.piecewise(tokens_seen, config.mtp_lambda)),
+                balance_alpha=jnp.float32(config.balance_alpha))
+  return hyper, n
+
+
+def _record(metrics, clock, config, step, step_metrics, lr, n_tokens, val_loss, streak) -> int:
+  values = jax.device_get(step_metrics)
+  if values['ok']:
+    streak = 0
+  else:
+    streak += 1
+    logging.warning('step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped', step,
+                    values['loss'], values['grad_norm'])
+    if streak >= config.max_nonfinite_streak:
+      raise FloatingPointError(f'{streak} consecutive steps with a non-finite loss or gradient (last: step {step});'
+                               ' the newest checkpoint holds the last good state')
+  loads = values.pop('load_max_over_mean', None)
+  scalars = {**values, 'lr': float(lr)}
+  if loads is not None:
+    scalars.update({f'load_max_over_mean/layer{i}': x for i, x in enumerate(loads)})
+  if val_loss is not None:
+    scalars['val_loss'] = val_loss
+  metrics.write(step, scalars)
+  clock.tick(n_tokens)
+  if step % config.log_every == 0 or val_loss is not None or step == config.steps:
+    load_text = ' '.join(f'{x:.2f}' for x in loads) if loads is not None else '-'
+    val_text = f' | val {val_loss:.4f}' if val_loss is not None else ''
+    rate, eta = clock.report(step)
+    logging.info('step %d/%d | loss %.4f (ce %.4f, mtp %.4f, balance %.2e)%s | %s tok/s | lr %.2e | grad norm %.3f'
+                 ' | expert load max/mean %s | ETA %s', step, config.steps, values['loss'], values['ce'],
+                 values['mtp'], values['balance'], val_text, rate, lr, values['grad_norm'], load_text, eta)
+  return streak
+
+
+def _sample(graphdef, state: TrainState, tokenizer, config) -> str:
+  model = nnx.merge(graphdef, state.params, state.bias)
+  prompt = tokenizer.encode(config.sample_prompt).ids if tokenizer else [0]
+  out = greedy_rollout(model, jnp.asarray([prompt], jnp.int32), config.sample_tokens)
+  ids = np.asarray(out[0]).tolist()
+  return tokenizer.decode(ids) if tokenizer else ' '.join(map(str, ids))
+
+
+def _size(cfg: ModelConfig) -> str:
+  from deepseek_jax import cost
+  s = cost.summary(cfg)
+  return (f'{s["total_params"] / 1e6:.2f}M parameters ({s["active_params"] / 1e6:.2f}M active per token) '
+          f'+ {s["mtp_params"] / 1e6:.2f}M MTP')
+
+
+class _Clock:
+  """Tokens per second over the last logging window and the ETA from it."""
+
+  def __init__(self, step: int, total: int):
+    self.total, self.start, self.tokens, self.t0, self.steps = total, step, 0, time.time(), 0
+
+  def tick(self, n_tokens: int) -> None:
+    self.tokens += n_tokens
+    self.steps += 1
+
+  def report(self, step: int) -> tuple[str, str]:
+    """(tokens/s, ETA) over the window since the last report; starts a new window."""
+    elapsed = max(time.time() - self.t0, 1e-9)
+    per_second = self.tokens / elapsed
+    seconds = elapsed / max(self.steps, 1) * (self.total - step)
+    self.tokens, self.t0, self.steps = 0, time.time(), 0
+    rate = f'{per_second / 1e3:.1f}k' if per_second >= 1e3 else f'{per_second:.0f}'
+    return rate, f'{int(seconds // 60)}m{int(seconds % 60):02d}s'
+
+
+class _StopRequest:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested, self.signal = False, None
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested, self.signal = True, signal.Signals(signum).name
+
+  def release(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)

@@ -1,0 +1,165 @@
+"""The optimizer and the train step: AdamW details, the sign-rule bias update, the non-finite guard."""
+
+import functools
+from unittest import mock
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+from flax import nnx
+
+from deepseek_jax.config import PRESETS
+from deepseek_jax.loss import loss_fn
+from deepseek_jax.optimizer import adamw, scale_by_adam
+from deepseek_jax.router import RouterBias
+from deepseek_jax.train_step import Hyper, init_train_state, train_step, update_router_bias
+from tests.helpers import random_model
+
+TINY = PRESETS['tiny']
+
+
+def hyper(lr=1e-3, gamma=1e-3, mtp_lambda=0.3, alpha=1e-4):
+  return Hyper(*(jnp.float32(v) for v in (lr, gamma, mtp_lambda, alpha)))
+
+
+def flat(state):
+  return {k: np.asarray(v[...]) for k, v in nnx.to_flat_state(state)}
+
+
+class OptimizerTest(parameterized.TestCase):
+
+  def test_adam_matches_optax_in_fp32(self):
+    params = {'w': jnp.array([[1.0, -2.0], [0.5, 3.0]]), 'b': jnp.array([0.1, -0.1])}
+    ours, ref = scale_by_adam(0.9, 0.95, 1e-8, jnp.float32), optax.scale_by_adam(0.9, 0.95, 1e-8)
+    s1, s2 = ours.init(params), ref.init(params)
+    for i in range(4):
+      grads = jax.tree.map(lambda p: jnp.sin(p * (i + 1)) * 10.0 ** (i - 2), params)
+      u1, s1 = ours.update(grads, s1)
+      u2, s2 = ref.update(grads, s2)
+      chex.assert_trees_all_close(u1, u2, rtol=1e-6)
+
+  def test_moments_are_bf16(self):
+    params = {'w': jnp.ones((3, 3))}
+    state = adamw().init(params)
+    moments = state[1]
+    chex.assert_trees_all_equal_dtypes(moments.mu, {'w': jnp.ones((), jnp.bfloat16)})
+    chex.assert_trees_all_equal_dtypes(moments.nu, {'w': jnp.ones((), jnp.bfloat16)})
+
+  def test_weight_decay_skips_norms_and_clip_bounds_the_step(self):
+    model = random_model(TINY)
+    params = nnx.state(model, nnx.Param)
+    tx = adamw(weight_decay=0.1)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zero_grads, jax.jit(tx.init)(params), params)
+    for path, u in flat(updates).items():
+      p = flat(params)[path]
+      if path[-1] == 'scale':
+        np.testing.assert_array_equal(u, 0.0, err_msg=str(path))  # norms: no decay
+      else:
+        np.testing.assert_allclose(u, 0.1 * p, rtol=1e-6, err_msg=str(path))  # decoupled decay, before lr
+    huge = {'w': jnp.full((3, 4), 1e6), 'b': jnp.full((5,), -1e6)}
+    clipped, _ = optax.clip_by_global_norm(1.0).update(huge, optax.EmptyState())
+    self.assertAlmostEqual(float(optax.tree.norm(clipped)), 1.0, places=4)
+
+
+class RouterBiasTest(parameterized.TestCase):
+
+  def test_sign_rule(self):
+    model = random_model(TINY)
+    bias = nnx.state(model, RouterBias)
+    before = flat(bias)
+    layers = TINY.n_moe_layers + TINY.n_mtp_layers
+    counts = np.tile(np.array([10, 2, 6, 6, 0, 8, 12, 4]), (layers, 1))  # mean load 6
+    after = flat(update_router_bias(bias, jnp.asarray(counts), 0.01))
+    step = 0.01 * np.sign(6 - counts[0])  # overloaded experts go down by gamma, underloaded up, balanced stay
+    main = ('moe_layers', 'ffn', 'gate', 'bias')
+    np.testing.assert_allclose(after[main] - before[main], np.tile(step, (TINY.n_moe_layers, 1)), atol=1e-7)
+    np.testing.assert_allclose(after[('mtp', 0, 'block', 'ffn', 'gate', 'bias')] -
+                               before[('mtp', 0, 'block', 'ffn', 'gate', 'bias')], step, atol=1e-7)
+
+
+class TrainStepTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):  # one compiled step for the whole class
+    super().setUpClass()
+    cls.model = random_model(TINY, seed=3)
+    cls.tx = adamw()
+    cls.graphdef, cls.state = init_train_state(cls.model, cls.tx)
+    cls.step = staticmethod(jax.jit(functools.partial(train_step, cls.graphdef, cls.tx)))
+    cls.tokens = jax.random.randint(jax.random.key(4), (1, 4, 17), 1, TINY.vocab_size)
+
+  def test_bias_moves_only_by_the_sign_rule(self):
+    counts = nnx.jit(lambda m, t: loss_fn(m, t).expert_counts_LE)(
+        nnx.merge(self.graphdef, self.state.params, self.state.bias), self.tokens[0])
+    new, metrics = self.step(self.state, self.tokens, hyper(gamma=0.01))
+    self.assertTrue(bool(metrics['ok']))
+    want = flat(update_router_bias(self.state.bias, counts, 0.01))
+    chex.assert_trees_all_close(flat(new.bias), want, atol=1e-7)
+    # With gamma = 0 the bias is untouched although every Param moved: AdamW never sees it.
+    frozen, _ = self.step(self.state, self.tokens, hyper(gamma=0.0))
+    chex.assert_trees_all_equal(flat(frozen.bias), flat(self.state.bias))
+    moved = [np.any(a != b) for a, b in zip(flat(frozen.params).values(), flat(self.state.params).values())]
+    self.assertTrue(all(moved))
+
+  def test_nan_batch_is_skipped(self):
+    poisoned = self.state._replace(params=jax.tree.map(lambda x: x, self.state.params))
+    emb = poisoned.params['embed']['embedding']
+    emb.set_value(emb[...].at[5].set(jnp.nan))  # token 5 now embeds to NaN
+    clean = jnp.where(self.tokens == 5, 6, self.tokens)
+    bad = clean.at[0, 0, 3].set(5)
+    new, metrics = self.step(poisoned, bad, hyper())
+    self.assertFalse(bool(metrics['ok']))
+    chex.assert_trees_all_equal(flat(new.params), flat(poisoned.params))
+    chex.assert_trees_all_equal(flat(new.bias), flat(poisoned.bias))
+    chex.assert_trees_all_equal(new.opt_state, poisoned.opt_state)
+    self.assertEqual((int(new.skipped), int(new.streak)), (1, 1))
+    after, metrics = self.step(new, clean, hyper())  # a clean batch trains again and ends the streak
+    self.assertTrue(bool(metrics['ok']))
+    self.assertEqual((int(after.skipped), int(after.streak)), (1, 0))
+
+  def test_microbatches_equal_one_batch(self):
+    # Plain gradient steps (identity transformation): new params = params - lr * averaged gradient. (An Adam
+    # first step is sign(g), which turns rounding-level gradient differences into 2 * lr.)
+    sgd = optax.identity()
+    graphdef, state = init_train_state(self.model, sgd)
+    step = jax.jit(functools.partial(train_step, graphdef, sgd))
+    whole, m1 = step(state, self.tokens, hyper(lr=1.0))
+    split, m2 = step(state, self.tokens.reshape(2, 2, 17), hyper(lr=1.0))
+    for key in ('loss', 'ce', 'mtp', 'balance', 'grad_norm'):
+      np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(m1['load_max_over_mean'], m2['load_max_over_mean'])
+    delta = lambda s: jax.tree.map(lambda new, old: new - old, flat(s.params), flat(state.params))
+    chex.assert_trees_all_close(delta(whole), delta(split), rtol=1e-4, atol=1e-6)  # params ~1: ulps ~1e-7
+    chex.assert_trees_all_equal(flat(whole.bias), flat(split.bias))
+
+  def test_loss_decreases(self):
+    state, losses = self.state, []
+    for _ in range(25):
+      state, metrics = self.step(state, self.tokens, hyper(lr=3e-3))
+      losses.append(float(metrics['ce']))
+    self.assertLess(losses[-1], 0.5 * losses[0])
+
+
+class NonFiniteStreakTest(absltest.TestCase):
+  """The trainer stops, with a message, after max_nonfinite_streak consecutive skipped steps."""
+
+  def test_streak_stops_the_run(self):
+    from deepseek_jax import trainer
+    config = ml_collections.ConfigDict(dict(max_nonfinite_streak=3, log_every=100, steps=100))
+    writer = mock.Mock()
+    clock = trainer._Clock(0, 100)
+    bad = {'loss': np.float32(np.nan), 'grad_norm': np.float32(np.nan), 'ok': np.bool_(False), 'ce': 0.0,
+           'mtp': 0.0, 'balance': 0.0}
+    good = {**bad, 'loss': np.float32(1.0), 'grad_norm': np.float32(1.0), 'ok': np.bool_(True)}
+    streak = 0
+    for step, values in enumerate([bad, bad, good, bad, bad], start=1):  # a good step resets the streak
+      streak = trainer._record(writer, clock, config, step, values, 1e-3, 10, None, streak)
+    self.assertEqual(streak, 2)
+    with self.assertRaisesRegex(FloatingPointError, '3 consecutive steps with a non-finite loss'):
+      trainer._record(writer, clock, config, 6, bad, 1e-3, 10, None, streak)
+    self.assertEqual(writer.write.call_count, 5)
