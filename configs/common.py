@@ -45,3 +45,18 @@ def base_config(model: str, steps: int, batch_size: int, seq_len: int, peak_lr: 
   config.sample_prompt = 'def '
   config.sample_tokens = 64
   return config
+
+
+def pod_defaults(config: ml_collections.ConfigDict) -> None:
+  """Accelerator-scale runs: fp32 master weights with bf16 activations, rematerialised blocks, a
+  pre-tokenized corpus (uint32 ids: vocabularies past 65536), evaluation and checkpoints every few hundred
+  steps, a log line per step."""
+  config.model_overrides = {'param_dtype': 'float32', 'dtype': 'bfloat16', 'remat': True}
+  config.microbatch_size = 0  # set per device count and memory, e.g. 64 sequences per accumulation step
+  config.eval_every = 1000
+  config.eval_batch_size = 64
+  config.checkpoint_every = 500
+  config.log_every = 1
+  config.data.source = 'tokens'  # set data.tokens_path (and data.tokenizer_path for decoded samples)
+  config.data.tokens_dtype = 'uint32'
+  config.data.val_fraction = 0.0005

@@ -6,7 +6,7 @@ softmax routing without a correction bias (so gamma is unused) and an expert-lev
 alpha 0.001; no MTP. The data is a pre-tokenized corpus (100K BPE ids as uint32): set data.tokens_path.
 """
 
-from configs.common import NEVER, base_config
+from configs.common import NEVER, base_config, pod_defaults
 
 SEQ_LEN, BATCH, TOTAL_TOKENS, PEAK = 4096, 4608, 5.7e12, 4.2e-4
 
@@ -14,7 +14,7 @@ SEQ_LEN, BATCH, TOTAL_TOKENS, PEAK = 4096, 4608, 5.7e12, 4.2e-4
 def get_config():
   config = base_config('v2-lite-16b', steps=int(TOTAL_TOKENS / (BATCH * SEQ_LEN)), batch_size=BATCH,
                        seq_len=SEQ_LEN, peak_lr=PEAK, warmup_tokens=2000 * BATCH * SEQ_LEN)
-  config.model_overrides = {'param_dtype': 'float32', 'dtype': 'bfloat16', 'remat': True}
+  pod_defaults(config)
   # Step decay: no cosine stage (decay_tokens 0), two tail stages of ~10% each.
   config.lr = dict(peak=PEAK, warmup_tokens=2000 * BATCH * SEQ_LEN, constant_until=0.8 * TOTAL_TOKENS,
                    decay_tokens=0.0, end=PEAK, tail=[(0.1 * TOTAL_TOKENS, PEAK * 0.316),
@@ -22,12 +22,4 @@ def get_config():
   config.gamma = [(NEVER, 0.0)]
   config.mtp_lambda = [(NEVER, 0.0)]
   config.balance_alpha = 1e-3
-  config.microbatch_size = 0
-  config.eval_every = 1000
-  config.eval_batch_size = 64
-  config.checkpoint_every = 500
-  config.log_every = 1
-  config.data.source = 'tokens'
-  config.data.tokens_dtype = 'uint32'
-  config.data.val_fraction = 0.0005
   return config

@@ -7,7 +7,7 @@ lambda 0.3 for 10T then 0.1; init std 0.006 (the preset). fp32 master weights, b
 moments. The data is a pre-tokenized corpus (DeepSeek's 129K BPE ids as uint32): set data.tokens_path.
 """
 
-from configs.common import NEVER, base_config
+from configs.common import NEVER, base_config, pod_defaults
 
 SEQ_LEN = 4096
 BATCH_START, BATCH_END, RAMP_TOKENS, RAMP_MULTIPLE = 3072, 15360, 469e9, 1536
@@ -20,18 +20,10 @@ def get_config():
   steps = ramp_steps + int((TOTAL_TOKENS - RAMP_TOKENS) / (BATCH_END * SEQ_LEN))
   config = base_config('v3-671b', steps=steps, batch_size=BATCH_END, seq_len=SEQ_LEN, peak_lr=2.2e-4,
                        warmup_tokens=2000 * BATCH_START * SEQ_LEN)  # 2K steps, all inside the first ramp stage
-  config.model_overrides = {'param_dtype': 'float32', 'dtype': 'bfloat16', 'remat': True}
+  pod_defaults(config)
   config.batch_ramp = dict(start=BATCH_START, tokens=RAMP_TOKENS, multiple=RAMP_MULTIPLE)
   config.lr = dict(peak=2.2e-4, warmup_tokens=2000 * BATCH_START * SEQ_LEN, constant_until=10e12,
                    decay_tokens=4.3e12, end=2.2e-5, tail=[(333e9, 2.2e-5), (167e9, 7.3e-6)])
   config.gamma = [(14.3e12, 0.001), (NEVER, 0.0)]
   config.mtp_lambda = [(10e12, 0.3), (NEVER, 0.1)]
-  config.microbatch_size = 0  # set per device count and memory, e.g. 64 sequences per accumulation step
-  config.eval_every = 1000
-  config.eval_batch_size = 64
-  config.checkpoint_every = 500
-  config.log_every = 1
-  config.data.source = 'tokens'
-  config.data.tokens_dtype = 'uint32'
-  config.data.val_fraction = 0.0005
   return config

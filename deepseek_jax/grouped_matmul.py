@@ -1,5 +1,6 @@
 """Dropless expert dispatch: routed token copies grouped by expert, one grouped matmul per expert weight.
 
+Letters beyond model.py's key: U dispatched rows, P / O the input / output features of an expert weight.
 `plan(experts_XK, E, impl)` is computed once per MoE layer; then `gather` lays the tokens out by expert,
 `matmul` multiplies each group by its expert's weight [E, P, O], and `combine` sums every token's K expert
 outputs with its gate weights. Work grows with the routed copies M = X * K, not with E:
@@ -41,10 +42,10 @@ class Dispatch(NamedTuple):
   """Where each routed copy goes. ragged_dot: slot_M = rank in expert-sorted order; tiled: padded slot."""
   impl: str
   n_tokens: int
-  source_S: jax.Array  # token index feeding each row of the dispatched layout (n_tokens = a zero row)
+  source_U: jax.Array  # token feeding each dispatched row (n_tokens: a padding row of zeros)
   slot_M: jax.Array  # row of the dispatched layout holding copy m = x * K + k
   group_sizes_E: jax.Array  # copies per expert
-  tile_group_T: jax.Array | None  # tiled: expert of each tile
+  tile_expert: jax.Array | None  # tiled: the expert of each tile
 
 
 def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
@@ -65,54 +66,54 @@ def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
   sorted_expert_M = flat_M[order_M]
   sorted_slot_M = rank_M - start_E[sorted_expert_M] + padded_start_E[sorted_expert_M]
   n_tiles = -(-m // tile) + n_experts  # static bound: sum_e ceil(size_e / tile) <= ceil(M / tile) + E
-  source_S = jnp.full((n_tiles * tile,), x, jnp.int32).at[sorted_slot_M].set((order_M // k).astype(jnp.int32))
+  source_U = jnp.full((n_tiles * tile,), x, jnp.int32).at[sorted_slot_M].set((order_M // k).astype(jnp.int32))
   slot_M = jnp.zeros_like(rank_M).at[order_M].set(sorted_slot_M)
   # Tiles past the last expert hold zero rows; they borrow the last expert's weight and are never read.
-  tile_group_T = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles_E), jnp.arange(n_tiles), side='right'),
+  tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles_E), jnp.arange(n_tiles), side='right'),
                              n_experts - 1).astype(jnp.int32)
-  return Dispatch(impl, x, source_S, slot_M, group_sizes_E, tile_group_T)
+  return Dispatch(impl, x, source_U, slot_M, group_sizes_E, tile_expert)
 
 
 def gather(d: Dispatch, x_XD):
-  """Token rows in the dispatched layout [S, D] (padding rows are zero)."""
+  """Token rows in the dispatched layout [U, D] (padding rows are zero)."""
   padded_XD = jnp.concatenate([x_XD, jnp.zeros((1, x_XD.shape[1]), x_XD.dtype)])
-  return padded_XD[d.source_S]
+  return padded_XD[d.source_U]
 
 
-def matmul(d: Dispatch, rows_SP, w_EPO):
+def matmul(d: Dispatch, rows_UP, w_EPO):
   """rows of expert e times w[e]."""
   if d.impl == 'ragged_dot':
-    return jax.lax.ragged_dot(rows_SP, w_EPO, d.group_sizes_E)
-  return tiled_matmul(rows_SP, w_EPO, d.tile_group_T)
+    return jax.lax.ragged_dot(rows_UP, w_EPO, d.group_sizes_E)
+  return tiled_matmul(rows_UP, w_EPO, d.tile_expert)
 
 
-def combine(d: Dispatch, rows_SD, weights_XK):
+def combine(d: Dispatch, rows_UD, weights_XK):
   """sum_k weights[x, k] * output row of copy (x, k)."""
   x, k = weights_XK.shape
-  outputs_XKD = rows_SD[d.slot_M].reshape(x, k, -1)
-  return jnp.einsum('xkd,xk->xd', outputs_XKD, weights_XK.astype(rows_SD.dtype))
+  outputs_XKD = rows_UD[d.slot_M].reshape(x, k, -1)
+  return jnp.einsum('xkd,xk->xd', outputs_XKD, weights_XK.astype(rows_UD.dtype))
 
 
 @jax.custom_vjp
-def tiled_matmul(rows_SP, w_EPO, tile_group_T):
-  n_tiles = tile_group_T.shape[0]
-  tiles_TBP = rows_SP.reshape(n_tiles, -1, rows_SP.shape[-1])
-  return jnp.einsum('tbp,tpo->tbo', tiles_TBP, w_EPO[tile_group_T]).reshape(rows_SP.shape[0], -1)
+def tiled_matmul(rows_UP, w_EPO, tile_expert):
+  n_tiles = tile_expert.shape[0]
+  tiles = rows_UP.reshape(n_tiles, -1, rows_UP.shape[-1])
+  return jnp.einsum('tbp,tpo->tbo', tiles, w_EPO[tile_expert]).reshape(rows_UP.shape[0], -1)
 
 
-def _tiled_fwd(rows_SP, w_EPO, tile_group_T):
-  return tiled_matmul(rows_SP, w_EPO, tile_group_T), (rows_SP, w_EPO, tile_group_T)
+def _tiled_fwd(rows_UP, w_EPO, tile_expert):
+  return tiled_matmul(rows_UP, w_EPO, tile_expert), (rows_UP, w_EPO, tile_expert)
 
 
-def _tiled_bwd(residuals, d_rows_SO):
-  rows_SP, w_EPO, tile_group_T = residuals
-  n_tiles = tile_group_T.shape[0]
-  tiles_TBP = rows_SP.reshape(n_tiles, -1, rows_SP.shape[-1])
-  d_tiles_TBO = d_rows_SO.reshape(n_tiles, -1, d_rows_SO.shape[-1])
-  d_rows_SP = jnp.einsum('tbo,tpo->tbp', d_tiles_TBO, w_EPO[tile_group_T]).reshape(rows_SP.shape)
-  d_w_TPO = jnp.einsum('tbp,tbo->tpo', tiles_TBP, d_tiles_TBO)
-  d_w_EPO = jax.ops.segment_sum(d_w_TPO, tile_group_T, num_segments=w_EPO.shape[0], indices_are_sorted=True)
-  return d_rows_SP, d_w_EPO.astype(w_EPO.dtype), None
+def _tiled_bwd(residuals, d_rows_UO):
+  rows_UP, w_EPO, tile_expert = residuals
+  n_tiles = tile_expert.shape[0]
+  tiles = rows_UP.reshape(n_tiles, -1, rows_UP.shape[-1])
+  d_tiles = d_rows_UO.reshape(n_tiles, -1, d_rows_UO.shape[-1])
+  d_rows_UP = jnp.einsum('tbo,tpo->tbp', d_tiles, w_EPO[tile_expert]).reshape(rows_UP.shape)
+  d_w_tiles = jnp.einsum('tbp,tbo->tpo', tiles, d_tiles)
+  d_w_EPO = jax.ops.segment_sum(d_w_tiles, tile_expert, num_segments=w_EPO.shape[0], indices_are_sorted=True)
+  return d_rows_UP, d_w_EPO.astype(w_EPO.dtype), None
 
 
 tiled_matmul.defvjp(_tiled_fwd, _tiled_bwd)

@@ -9,6 +9,7 @@ Shape-letter key, used in every array name (`x_BTD`) and einsum in this package:
   V v_head_dim           Q q_lora_rank           C kv_lora_rank         F inter_dim (dense FFN)
   I moe_inter_dim        E routed experts        G expert groups        K experts per token (top-k)
   X tokens, flattened    M routed token copies (X * K)                  L stacked layers
+  U dispatched expert rows (the M copies laid out by expert, padded)
 """
 
 from __future__ import annotations

@@ -40,10 +40,10 @@ class RoutedExperts(nnx.Module):
 
   def __call__(self, x_XD, experts_XK, weights_XK):
     dispatch = gm.plan(experts_XK, self.w1.shape[0], self.gmm_impl)
-    rows_SD = gm.gather(dispatch, x_XD.astype(self.dtype))  # S: routed copies laid out by expert
+    rows_UD = gm.gather(dispatch, x_XD.astype(self.dtype))
     w1, w2, w3 = (w[...].astype(self.dtype) for w in (self.w1, self.w2, self.w3))
-    h_SI = jax.nn.silu(gm.matmul(dispatch, rows_SD, w1)) * gm.matmul(dispatch, rows_SD, w3)
-    return gm.combine(dispatch, gm.matmul(dispatch, h_SI, w2), weights_XK)
+    h_UI = jax.nn.silu(gm.matmul(dispatch, rows_UD, w1)) * gm.matmul(dispatch, rows_UD, w3)
+    return gm.combine(dispatch, gm.matmul(dispatch, h_UI, w2), weights_XK)
 
 
 class MoE(nnx.Module):
