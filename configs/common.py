@@ -12,6 +12,7 @@ def base_config(model: str, steps: int, batch_size: int, seq_len: int, peak_lr: 
   config = ml_collections.ConfigDict()
   config.model = model  # a key of deepseek_jax.config.PRESETS
   config.model_overrides = ml_collections.ConfigDict()  # ModelConfig fields, e.g. {'dtype': 'bfloat16'}
+  config.quant = 'none'  # 'fp8': DeepSeek's FP8 recipe on every projection (ModelConfig.quant)
   config.seed = 0
   config.steps = steps
   config.batch_size = batch_size  # sequences per step (the final size when batch_ramp is set)

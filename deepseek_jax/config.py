@@ -63,6 +63,10 @@ class ModelConfig:
   dtype: str = 'float32'  # activation / matmul dtype.
   gmm_impl: str = 'auto'  # routed-expert grouped matmul, see grouped_matmul.IMPLS.
   remat: bool = False  # recompute each block in the backward pass instead of storing its activations.
+  quant: str = 'none'  # 'fp8': the DeepSeek-V3 FP8 recipe on every projection (pallas_kernels.fp8_linear).
+  fp8_impl: str = 'auto'  # FP8 kernels: 'auto' (Pallas on TPU, XLA elsewhere), 'pallas', 'interpret', 'xla'.
+  fp8_scale_fmt: str = 'f32'  # FP8 scales: 'f32' (V3) or 'ue8m0' (powers of two, V3.1).
+  fp8_weights: bool = False  # hold projection / expert weights as FP8 codes + block scales (inference only).
   scan_layers: bool = True  # False unrolls the layer loop: faster small models on CPU, compile time ~ depth.
 
   def __post_init__(self):
@@ -164,6 +168,9 @@ def _validate(c: ModelConfig) -> None:
   need(c.param_dtype in _DTYPES, 'param_dtype', f'must be one of {_DTYPES}')
   need(c.dtype in _DTYPES, 'dtype', f'must be one of {_DTYPES}')
   need(c.gmm_impl in GMM_IMPLS, 'gmm_impl', f'must be one of {GMM_IMPLS}')
+  need(c.quant in ('none', 'fp8'), 'quant', "must be 'none' or 'fp8'")
+  need(c.fp8_impl in ('auto', 'pallas', 'interpret', 'xla'), 'fp8_impl', "must be 'auto', 'pallas', 'interpret' or 'xla'")
+  need(c.fp8_scale_fmt in ('f32', 'ue8m0'), 'fp8_scale_fmt', "must be 'f32' or 'ue8m0'")
   if c.n_dense_layers > 0:
     need(c.inter_dim > 0, 'inter_dim', 'dense layers need a positive FFN width')
   if c.n_moe_layers == 0 and c.n_mtp_layers == 0:

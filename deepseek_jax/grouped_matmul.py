@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import GMM_IMPLS as IMPLS
+from pallas_kernels.fp8_linear import fp8_grouped_linear
 
 
 def resolve(impl: str) -> str:
@@ -80,8 +81,12 @@ def gather(d: Dispatch, x_XD):
   return padded_XD[d.source_U]
 
 
-def matmul(d: Dispatch, rows_UP, w_EPO):
-  """rows of expert e times w[e]."""
+def matmul(d: Dispatch, rows_UP, w_EPO, recipe=None):
+  """rows of expert e times w[e]; with an FP8 recipe (tiled layout only) through the FP8 grouped GEMMs."""
+  if recipe is not None:
+    if d.impl != 'tiled':
+      raise ValueError('the FP8 expert GEMMs need the tiled dispatch layout')
+    return fp8_grouped_linear(rows_UP, w_EPO, d.tile_expert, recipe)
   if d.impl == 'ragged_dot':
     return jax.lax.ragged_dot(rows_UP, w_EPO, d.group_sizes_E)
   return tiled_matmul(rows_UP, w_EPO, d.tile_expert)

@@ -22,6 +22,8 @@ from flax import nnx
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.safetensors_io import SafetensorsDir, write_dir, write_json
+from pallas_kernels.common import FP8
+from pallas_kernels.weight_quant import weight_quant
 
 FP8_BLOCK = 128
 _FLOAT_CODES = ('F32', 'BF16', 'F16')
@@ -68,28 +70,40 @@ class Source(NamedTuple):
   """Where one of our Variables comes from: a checkpoint name per stacked (layer, expert) index."""
   names: np.ndarray  # object array of names, shape = the Variable's leading stack axes (() if none)
   transpose: bool  # checkpoint [out, in] vs our [in, out]
+  fp8: str | None  # weights held in FP8: 'codes' (the weight) or 'scales' (its weight_scale_inv)
+  shape: tuple[int, ...]  # per-name logical shape, ours ([in, out]); FP8 codes are padded beyond it
 
 
 def checkpoint_layout(model: DeepSeekV3) -> dict[tuple, Source]:
   """Our Variable path -> checkpoint source, for every Variable of the model."""
   cfg = model.cfg
+  # Logical (unpadded) shapes come from the same model with its weights in high precision.
+  plain = dict(nnx.to_flat_state(nnx.state(nnx.eval_shape(
+      lambda: DeepSeekV3(cfg.replace(fp8_weights=False), nnx.Rngs(0))))))
   layout = {}
   for path, variable in nnx.to_flat_state(nnx.state(model)):
-    layout[path] = _source(path, variable.shape, cfg)
+    held_scale = path[-1].endswith('_scale')
+    base = path[:-1] + (path[-1][:-len('_scale')],) if held_scale else path
+    source = _source(base, plain[base].shape, cfg)
+    fp8 = 'scales' if held_scale else ('codes' if variable.dtype == FP8 else None)
+    stack = source.names.ndim
+    names = np.vectorize(lambda n: n + '_scale_inv', otypes=[object])(source.names) if held_scale else source.names
+    layout[path] = Source(names, source.transpose, fp8, tuple(plain[base].shape[stack:]))
   return layout
 
 
 def _source(path: tuple, shape: tuple[int, ...], cfg: ModelConfig) -> Source:
   transpose = path[-1] in ('kernel', 'weight') or path[-2] == 'experts'
   if path in _TOP:
-    return Source(np.array(_TOP[path], dtype=object), transpose)
+    return Source(np.array(_TOP[path], dtype=object), transpose, None, shape)
   if path[0] in ('dense_layers', 'moe_layers'):
     first = 0 if path[0] == 'dense_layers' else cfg.n_dense_layers
     layers, rest = range(first, first + shape[0]), path[1:]
   elif path[0] == 'mtp' and path[2] == 'block':
     layers, rest = [cfg.n_layers + path[1]], path[3:]
   elif path[0] == 'mtp' and path[2:] in _MTP:
-    return Source(np.array(f'model.layers.{cfg.n_layers + path[1]}.{_MTP[path[2:]]}', dtype=object), transpose)
+    return Source(np.array(f'model.layers.{cfg.n_layers + path[1]}.{_MTP[path[2:]]}', dtype=object), transpose,
+                  None, shape)
   else:
     raise KeyError(f'no checkpoint name for parameter {"/".join(map(str, path))}')
   template = _BLOCK[rest]
@@ -99,7 +113,7 @@ def _source(path: tuple, shape: tuple[int, ...], cfg: ModelConfig) -> Source:
     names = names[0]
   if '{e}' not in template:
     names = names[..., 0]
-  return Source(names, transpose)
+  return Source(names, transpose, None, shape)
 
 
 # Loading --------------------------------------------------------------------------------------------
@@ -108,7 +122,9 @@ def _source(path: tuple, shape: tuple[int, ...], cfg: ModelConfig) -> Source:
 def load_hf(path: str, dtype=jnp.float32, **config_overrides) -> tuple[ModelConfig, DeepSeekV3]:
   """Reads a HF DeepSeek-V3 directory into (config, model) with params and activations in `dtype`.
 
-  Raises ValueError naming the tensor for a missing, unknown, mis-shaped or wrongly typed tensor.
+  With `fp8_weights=True` the projections and experts keep FP8 codes and block scales: an FP8 checkpoint
+  loads without dequantizing (a high-precision one is quantized on load). Raises ValueError naming the
+  tensor for a missing, unknown, mis-shaped or wrongly typed tensor.
   """
   with open(os.path.join(path, 'config.json')) as f:
     hf_config = json.load(f)
@@ -125,7 +141,7 @@ def load_hf(path: str, dtype=jnp.float32, **config_overrides) -> tuple[ModelConf
   layout = checkpoint_layout(abstract)
   _check_unknown(store, layout, cfg)
   for path, variable in nnx.to_flat_state(state):
-    variable.set_value(jnp.asarray(_assemble(store, layout[path], variable.shape, variable.dtype)))
+    variable.set_value(jnp.asarray(_assemble(store, layout[path], variable.shape, variable.dtype, cfg)))
   return cfg, nnx.merge(graphdef, state)
 
 
@@ -152,16 +168,32 @@ def _check_unknown(store: SafetensorsDir, layout: dict[tuple, Source], cfg: Mode
     raise ValueError(f'checkpoint tensor {unknown[0]!r}{more} does not belong to this model config')
 
 
-def _assemble(store: SafetensorsDir, source: Source, shape, dtype) -> np.ndarray:
-  out = np.empty(shape, dtype)
-  stack = source.names.shape
-  for index in np.ndindex(*stack):
-    name = source.names[index]
-    want = tuple(shape[len(stack):])
-    want_stored = want[::-1] if source.transpose else want
-    tensor = read_tensor(store, name, want_stored)
+def _assemble(store: SafetensorsDir, source: Source, shape, dtype, cfg: ModelConfig) -> np.ndarray:
+  out = np.zeros(shape, dtype)  # FP8 codes past the logical shape stay zero (the padding)
+  for index in np.ndindex(*source.names.shape):
+    if source.fp8:
+      out[index] = _held_fp8(store, source, index, cfg)
+      continue
+    tensor = read_tensor(store, source.names[index], source.shape[::-1] if source.transpose else source.shape)
     out[index] = tensor.T if source.transpose else tensor
   return out
+
+
+def _held_fp8(store: SafetensorsDir, source: Source, index, cfg: ModelConfig) -> np.ndarray:
+  """FP8 codes [in', out'] or block scales [in'/128, out'/128] of one weight, as stored or quantized now."""
+  name = source.names[index]
+  weight_name = name[:-len('_scale_inv')] if source.fp8 == 'scales' else name
+  stored = source.shape[::-1]
+  if weight_name in store and store.dtype_code(weight_name) == 'F8_E4M3':
+    if store.shape(weight_name) != stored:
+      raise ValueError(f'checkpoint tensor {weight_name!r} has shape {store.shape(weight_name)}, expected {stored}')
+    if source.fp8 == 'scales':
+      return read_scale(store, name, stored).T
+    codes = np.zeros(tuple(-(-d // FP8_BLOCK) * FP8_BLOCK for d in source.shape), store.read(weight_name).dtype)
+    codes[:source.shape[0], :source.shape[1]] = store.read(weight_name).T
+    return codes
+  codes, scales = weight_quant(read_tensor(store, weight_name, stored).T, cfg.fp8_scale_fmt)
+  return np.asarray(scales if source.fp8 == 'scales' else codes)
 
 
 def read_tensor(store: SafetensorsDir, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -208,27 +240,31 @@ def save_hf(cfg: ModelConfig, model: DeepSeekV3, path: str, max_shard_bytes: int
   if model.cfg != cfg:
     raise ValueError('save_hf: cfg differs from the config the model was built with')
   write_dir(path, _tensors(model), max_shard_bytes)
-  write_json(os.path.join(path, 'config.json'), cfg.to_hf())
+  hf_config = cfg.to_hf()
+  if cfg.fp8_weights:
+    hf_config['quantization_config'] = {'activation_scheme': 'dynamic', 'fmt': 'e4m3', 'quant_method': 'fp8',
+                                        'weight_block_size': [FP8_BLOCK, FP8_BLOCK]}
+  write_json(os.path.join(path, 'config.json'), hf_config)
 
 
 def _tensors(model: DeepSeekV3) -> Iterator[tuple]:
   state = dict(nnx.to_flat_state(nnx.state(model)))
   for path, source in checkpoint_layout(model).items():
     variable = state[path]
-    stack = source.names.shape
-    for index in np.ndindex(*stack):
-      shape = tuple(variable.shape[len(stack):])
+    for index in np.ndindex(*source.names.shape):
+      # Held FP8 codes are written at their logical shape; block scales keep theirs.
+      shape = tuple(variable.shape[len(source.names.shape):]) if source.fp8 == 'scales' else source.shape
       yield (source.names[index], shape[::-1] if source.transpose else shape, variable.dtype,
-             lambda v=variable, i=index, t=source.transpose: _host(v, i, t))
+             lambda v=variable, i=index, t=source.transpose, s=shape: _host(v, i, t, s))
   cfg = model.cfg
   for k in range(cfg.n_mtp_layers):
     prefix = f'model.layers.{cfg.n_layers + k}.'
     for name, path in zip(_MTP_COPIES, (('embed', 'embedding'), ('head', 'kernel'))):
       variable, transpose = state[path], path[-1] == 'kernel'
       shape = variable.shape[::-1] if transpose else variable.shape
-      yield prefix + name, shape, variable.dtype, lambda v=variable, t=transpose: _host(v, (), t)
+      yield prefix + name, shape, variable.dtype, lambda v=variable, t=transpose: _host(v, (), t, v.shape)
 
 
-def _host(variable, index, transpose: bool) -> np.ndarray:
-  array = np.asarray(variable[...][index])
+def _host(variable, index, transpose: bool, shape) -> np.ndarray:
+  array = np.asarray(variable[...][index])[tuple(slice(0, d) for d in shape)]
   return array.T if transpose else array

@@ -2,7 +2,10 @@
 
 Every parameter carries `logical_axes` metadata (one name per dimension); `sharding.py` maps those names
 onto mesh axes through a single rules table. Kernels are stored [in, out] (the transpose of the
-checkpoint's [out, in]) so that matmuls read `x_BTD @ w_DF`.
+checkpoint's [out, in]) so that matmuls read `x_BTD @ w_DF`. With cfg.fp8_weights a projection holds its
+weight as FP8 codes [in', out'] (padded to multiples of 128) plus one fp32 scale per 128x128 block, the form
+of the official checkpoints, and dequantizes it on use (the official default `gemm_impl="bf16"`) or, under
+cfg.quant == 'fp8', multiplies it in FP8 directly.
 """
 
 from __future__ import annotations
@@ -12,12 +15,38 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig
+from pallas_kernels import common as fp8
+from pallas_kernels.fp8_linear import Recipe, fp8_linear, fp8_linear_frozen
+from pallas_kernels.weight_quant import dequantize, weight_quant
+
+
+class FP8Weight(nnx.Variable):
+  """FP8 codes of a weight, or the fp32 scales of their 128x128 blocks: inference storage, not a Param."""
 
 
 def normal_param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig) -> nnx.Param:
   """A weight drawn from N(0, init_std^2) (paper §4.2) in the parameter dtype."""
   value = cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
   return nnx.Param(value.astype(cfg.jnp_param_dtype), logical_axes=tuple(axes))
+
+
+def fp8_weight(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig) -> tuple[FP8Weight, FP8Weight]:
+  """(codes [..., in', out'], scales [..., in'/128, out'/128]) of a normal_param draw, quantized per block."""
+  value = cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  quantize = lambda w: weight_quant(w, cfg.fp8_scale_fmt)
+  for _ in shape[:-2]:
+    quantize = jax.vmap(quantize)
+  codes, scales = quantize(value)
+  return FP8Weight(codes, logical_axes=tuple(axes)), FP8Weight(scales, logical_axes=tuple(axes))
+
+
+def dequantize_weight(codes, scales, shape, dtype):
+  """The [..., in, out] weight of FP8 codes and block scales, cropped to `shape` (the official
+  weight_dequant)."""
+  deq = dequantize
+  for _ in codes.shape[:-2]:
+    deq = jax.vmap(deq)
+  return deq(codes, scales)[..., :shape[-2], :shape[-1]].astype(dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -44,15 +73,34 @@ class Embed(nnx.Module):
     return jnp.take(self.embedding[...], tokens_BT, axis=0).astype(self.dtype)
 
 
-class Linear(nnx.Module):
-  """Bias-free projection y = x @ W with W stored [in, out]."""
+def fp8_recipe(cfg: ModelConfig) -> Recipe | None:
+  return Recipe(cfg.fp8_scale_fmt, cfg.fp8_impl) if cfg.quant == 'fp8' else None
 
-  def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], cfg: ModelConfig, rngs: nnx.Rngs):
+
+class Linear(nnx.Module):
+  """Bias-free projection y = x @ W with W stored [in, out]; FP8 GEMMs under cfg.quant == 'fp8' unless
+  `quantize` is False (the output head stays in high precision, paper §3.3.1)."""
+
+  def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], cfg: ModelConfig, rngs: nnx.Rngs,
+               quantize: bool = True):
     self.dtype = cfg.jnp_dtype
-    self.kernel = normal_param(rngs, (d_in, d_out), axes, cfg)
+    self.shape = (d_in, d_out)
+    self.recipe = fp8_recipe(cfg) if quantize else None
+    if cfg.fp8_weights and quantize:
+      self.kernel, self.kernel_scale = fp8_weight(rngs, (d_in, d_out), axes, cfg)
+    else:
+      self.kernel, self.kernel_scale = normal_param(rngs, (d_in, d_out), axes, cfg), None
 
   def __call__(self, x):
-    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    if self.kernel_scale is not None:
+      if self.recipe is not None:
+        return fp8_linear_frozen(x, self.kernel[...], self.kernel_scale[...], self.shape[1], self.recipe)
+      w = dequantize_weight(self.kernel[...], self.kernel_scale[...], self.shape, self.dtype)
+      return jnp.dot(x, w)
+    if self.recipe is not None:
+      return fp8_linear(x, self.kernel[...], self.recipe)
+    return jnp.dot(x, self.kernel[...].astype(self.dtype))
 
 
 def swiglu(x, w1, w2, w3):

@@ -47,19 +47,24 @@ def read_metrics(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss_curve(records: list[dict], path: str) -> None:
-  """Training loss per step and validation loss at evaluation steps, as a PNG."""
+def plot_loss_curve(runs: dict[str, list[dict]], path: str, smooth: int = 1) -> None:
+  """Training next-token CE per step (mean over `smooth` steps) and validation CE of each run, as a PNG."""
   import matplotlib
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
 
   fig, ax = plt.subplots(figsize=(7, 4))
-  train = [(r['step'], r['ce']) for r in records if 'ce' in r]
-  val = [(r['step'], r['val_loss']) for r in records if 'val_loss' in r]
-  if train:
-    ax.plot(*zip(*train), label='train next-token CE', linewidth=1)
-  if val:
-    ax.plot(*zip(*val), 'o-', label='validation CE')
+  for label, records in runs.items():
+    prefix = f'{label} ' if label else ''
+    steps = [r['step'] for r in records if 'ce' in r]
+    ce = [r['ce'] for r in records if 'ce' in r]
+    if len(ce) >= smooth:
+      mean = [sum(ce[i - smooth:i]) / smooth for i in range(smooth, len(ce) + 1)]
+      what = f'train CE ({smooth}-step mean)' if smooth > 1 else 'train next-token CE'
+      line, = ax.plot(steps[smooth - 1:], mean, label=prefix + what, linewidth=1)
+      val = [(r['step'], r['val_loss']) for r in records if 'val_loss' in r]
+      if val:
+        ax.plot(*zip(*val), 'o--', color=line.get_color(), label=prefix + 'validation CE')
   ax.set_xlabel('step')
   ax.set_ylabel('nats / token')
   ax.grid(alpha=0.3)

@@ -49,7 +49,7 @@ class DeepSeekV3(nnx.Module):
     self.moe_layers = (stack(lambda r: Block(cfg, cfg.n_dense_layers, r), cfg.n_moe_layers, rngs)
                        if cfg.n_moe_layers else None)
     self.norm = RMSNorm(cfg.dim, cfg)
-    self.head = Linear(cfg.dim, cfg.vocab_size, ('embed', 'vocab'), cfg, rngs)
+    self.head = Linear(cfg.dim, cfg.vocab_size, ('embed', 'vocab'), cfg, rngs, quantize=False)
     self.mtp = nnx.List([MTP(cfg, k, rngs) for k in range(cfg.n_mtp_layers)])
 
   def __call__(self, tokens_BT) -> jax.Array:

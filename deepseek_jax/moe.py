@@ -8,6 +8,7 @@ a token it was not chosen for; nothing is dropped. The layer also returns what t
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -16,7 +17,7 @@ from flax import nnx
 
 from deepseek_jax import grouped_matmul as gm
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.layers import MLP, normal_param
+from deepseek_jax.layers import MLP, dequantize_weight, fp8_recipe, fp8_weight, normal_param
 from deepseek_jax.router import Gate, Routing
 
 
@@ -33,17 +34,42 @@ class RoutedExperts(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
     self.dtype = cfg.jnp_dtype
-    self.gmm_impl = cfg.gmm_impl
-    self.w1 = normal_param(rngs, (e, d, i), ('expert', 'embed', 'moe_mlp'), cfg)
-    self.w2 = normal_param(rngs, (e, i, d), ('expert', 'moe_mlp', 'embed'), cfg)
-    self.w3 = normal_param(rngs, (e, d, i), ('expert', 'embed', 'moe_mlp'), cfg)
+    self.recipe = fp8_recipe(cfg)
+    # FP8 quantizes 128-row tiles: the tiled layout keeps every expert's rows in whole tiles.
+    self.gmm_impl = 'tiled' if self.recipe is not None else cfg.gmm_impl
+    self.shapes = {'w1': (e, d, i), 'w2': (e, i, d), 'w3': (e, d, i)}
+    axes = {'w1': ('expert', 'embed', 'moe_mlp'), 'w2': ('expert', 'moe_mlp', 'embed'),
+            'w3': ('expert', 'embed', 'moe_mlp')}
+    self.held_fp8 = cfg.fp8_weights
+    for name, shape in self.shapes.items():
+      if cfg.fp8_weights:
+        codes, scales = fp8_weight(rngs, shape, axes[name], cfg)
+        setattr(self, name, codes)
+        setattr(self, name + '_scale', scales)
+      else:
+        setattr(self, name, normal_param(rngs, shape, axes[name], cfg))
+
+  def weights(self):
+    """(w1, w2, w3) as the matmuls take them: FP8 master weights raw (the FP8 path quantizes them itself),
+    others cast to the compute dtype; weights held in FP8 dequantized."""
+    out = []
+    for name, shape in self.shapes.items():
+      if self.held_fp8:
+        # Re-quantizing a dequantized FP8 weight in the FP8 path gives back the same codes and scales.
+        out.append(dequantize_weight(getattr(self, name)[...], getattr(self, name + '_scale')[...], shape,
+                                     jnp.float32 if self.recipe is not None else self.dtype))
+      else:
+        w = getattr(self, name)[...]
+        out.append(w if self.recipe is not None else w.astype(self.dtype))
+    return out
 
   def __call__(self, x_XD, experts_XK, weights_XK):
-    dispatch = gm.plan(experts_XK, self.w1.shape[0], self.gmm_impl)
+    dispatch = gm.plan(experts_XK, self.shapes['w1'][0], self.gmm_impl)
     rows_UD = gm.gather(dispatch, x_XD.astype(self.dtype))
-    w1, w2, w3 = (w[...].astype(self.dtype) for w in (self.w1, self.w2, self.w3))
-    h_UI = jax.nn.silu(gm.matmul(dispatch, rows_UD, w1)) * gm.matmul(dispatch, rows_UD, w3)
-    return gm.combine(dispatch, gm.matmul(dispatch, h_UI, w2), weights_XK)
+    w1, w2, w3 = self.weights()
+    matmul = functools.partial(gm.matmul, dispatch, recipe=self.recipe)
+    h_UI = jax.nn.silu(matmul(rows_UD, w1)) * matmul(rows_UD, w3)
+    return gm.combine(dispatch, matmul(h_UI, w2), weights_XK)
 
 
 class MoE(nnx.Module):

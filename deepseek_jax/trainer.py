@@ -40,14 +40,20 @@ class TrainResult:
 
 
 def model_config(config) -> ModelConfig:
-  return PRESETS[config.model].replace(**dict(config.get('model_overrides', {})))
+  overrides = dict(config.get('model_overrides', {}))
+  if 'quant' in config:
+    overrides['quant'] = config.quant
+  return PRESETS[config.model].replace(**overrides)
 
 
 def train(config, workdir: str) -> TrainResult:
   """Trains (or resumes) the run in `workdir` as `config` describes."""
+  cfg = model_config(config)
+  if cfg.fp8_weights:
+    raise ValueError('model fp8_weights holds weights as FP8 codes for inference; training needs the fp32 master '
+                     "weights (set quant='fp8' for the FP8 training recipe)")
   os.makedirs(workdir, exist_ok=True)
   corpus = data.prepare(config.data, os.path.join(workdir, 'data'))
-  cfg = model_config(config)
   if corpus.vocab_size > cfg.vocab_size:
     raise ValueError(f'the tokenizer has {corpus.vocab_size} tokens but the model vocab_size is {cfg.vocab_size}')
   if config.seq_len > cfg.max_seq_len:
@@ -108,7 +114,7 @@ def train(config, workdir: str) -> TrainResult:
   if stop.requested:
     logging.info('stop requested (%s): saved step %d, exiting', stop.signal, step)
     return TrainResult(step, True, val_loss, None)
-  plot_loss_curve(read_metrics(metrics.path), os.path.join(workdir, 'loss.png'))
+  plot_loss_curve({'': read_metrics(metrics.path)}, os.path.join(workdir, 'loss.png'))
   sample = _sample(graphdef, state, corpus.tokenizer, config)
   with open(os.path.join(workdir, 'sample.txt'), 'w') as f:
     f.write(sample)
@@ -152,8 +158,8 @@ def _record(metrics, clock, config, step, step_metrics, lr, n_tokens, val_loss, 
     scalars.update({f'load_max_over_mean/layer{i}': x for i, x in enumerate(loads)})
   if val_loss is not None:
     scalars['val_loss'] = val_loss
+  scalars['step_seconds'] = clock.tick(n_tokens)
   metrics.write(step, scalars)
-  clock.tick(n_tokens)
   if step % config.log_every == 0 or val_loss is not None or step == config.steps:
     load_text = ' '.join(f'{x:.2f}' for x in loads) if loads is not None else '-'
     val_text = f' | val {val_loss:.4f}' if val_loss is not None else ''
@@ -180,21 +186,28 @@ def _size(cfg: ModelConfig) -> str:
 
 
 class _Clock:
-  """Tokens per second over the last logging window and the ETA from it."""
+  """Seconds per recorded step, and tokens per second and ETA over each logging window."""
 
   def __init__(self, step: int, total: int):
-    self.total, self.start, self.tokens, self.t0, self.steps = total, step, 0, time.time(), 0
+    del step
+    self.total = total
+    self.window_start = self.previous = time.time()
+    self.tokens = self.steps = 0
 
-  def tick(self, n_tokens: int) -> None:
+  def tick(self, n_tokens: int) -> float:
+    """Counts a recorded step; returns the seconds since the previous one (~ one step's time)."""
+    now = time.time()
+    elapsed, self.previous = now - self.previous, now
     self.tokens += n_tokens
     self.steps += 1
+    return elapsed
 
   def report(self, step: int) -> tuple[str, str]:
     """(tokens/s, ETA) over the window since the last report; starts a new window."""
-    elapsed = max(time.time() - self.t0, 1e-9)
+    elapsed = max(time.time() - self.window_start, 1e-9)
     per_second = self.tokens / elapsed
     seconds = elapsed / max(self.steps, 1) * (self.total - step)
-    self.tokens, self.t0, self.steps = 0, time.time(), 0
+    self.tokens, self.steps, self.window_start = 0, 0, time.time()
     rate = f'{per_second / 1e3:.1f}k' if per_second >= 1e3 else f'{per_second:.0f}'
     return rate, f'{int(seconds // 60)}m{int(seconds % 60):02d}s'
 

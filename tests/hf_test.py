@@ -64,20 +64,25 @@ def hf_tiny_checkpoint(path, **overrides):
     return json.load(f)
 
 
+def write_fp8_copy(src, dst, config):
+  """src's checkpoint quantized like the release: every projection FP8 (with weight_scale_inv); embedding,
+  head, router and norms stay high precision. Returns the tensors written."""
+  tensors = {}
+  for name, w in read_all(src).items():
+    if w.ndim == 2 and not any(s in name for s in ('embed_tokens', 'lm_head', 'mlp.gate.weight')):
+      tensors[name], tensors[name + '_scale_inv'] = quantize_fp8(w)
+    else:
+      tensors[name] = w
+  write_all(dst, tensors, {**config, 'quantization_config': FP8_CONFIG})
+  return tensors
+
+
 class FP8Test(parameterized.TestCase):
 
   def test_loads_exactly_what_transformers_loads(self):
     src, dst = (os.path.join(self.create_tempdir().full_path, n) for n in ('bf', 'fp8'))
-    config = hf_tiny_checkpoint(src)
-    tensors = {}
-    for name, w in read_all(src).items():
-      # Quantized like the release: every projection; embedding, head, router, norms stay high precision.
-      if w.ndim == 2 and not any(s in name for s in ('embed_tokens', 'lm_head', 'mlp.gate.weight')):
-        tensors[name], tensors[name + '_scale_inv'] = quantize_fp8(w)
-      else:
-        tensors[name] = w
+    tensors = write_fp8_copy(src, dst, hf_tiny_checkpoint(src))
     self.assertGreater(sum(n.endswith('_scale_inv') for n in tensors), 10)
-    write_all(dst, tensors, {**config, 'quantization_config': FP8_CONFIG})
 
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(dst, dtype=torch.float32)  # CPU: dequantizes
     hf_state = {k: v.numpy() for k, v in hf.state_dict().items()}
@@ -96,6 +101,30 @@ class FP8Test(parameterized.TestCase):
     }
     for hf_name, got in pairs.items():
       np.testing.assert_array_equal(got, hf_state[hf_name], err_msg=hf_name)
+
+  def test_fp8_weights_load_without_dequantizing(self):
+    """fp8_weights=True keeps the file's codes and scales (padded, transposed to [in, out]); the model then
+    computes exactly what the dequantized one does, and saves back to the same bytes."""
+    src, dst, out = (os.path.join(self.create_tempdir().full_path, n) for n in ('bf', 'fp8', 'resaved'))
+    # hidden 192 and kv_lora_rank 80 (+64 rope): partial edge blocks everywhere
+    tensors = write_fp8_copy(src, dst, hf_tiny_checkpoint(src, hidden_size=192, kv_lora_rank=80))
+    _, dequantized = load_hf(dst)
+    cfg, held = load_hf(dst, fp8_weights=True)
+    wkv_a = held.dense_layers.attn.wkv_a
+    self.assertEqual((wkv_a.kernel.dtype, wkv_a.kernel.shape), (jnp.float8_e4m3fn, (1, 256, 256)))
+    stored = tensors['model.layers.0.self_attn.kv_a_proj_with_mqa.weight']  # [144, 192]
+    np.testing.assert_array_equal(np.asarray(wkv_a.kernel[...][0])[:192, :144].view(np.uint8),
+                                  stored.T.view(np.uint8))
+    self.assertFalse(np.any(np.asarray(wkv_a.kernel[...][0])[192:].view(np.uint8)))  # zero padding
+    self.assertEqual(held.moe_layers.ffn.experts.w1.dtype, jnp.float8_e4m3fn)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 20)))
+    np.testing.assert_array_equal(forward(held, tokens).logits_BTW, forward(dequantized, tokens).logits_BTW)
+    save_hf(cfg, held, out)
+    resaved = read_all(out)
+    self.assertEqual(set(resaved), set(tensors))
+    for name, want in tensors.items():
+      np.testing.assert_array_equal(np.asarray(resaved[name]).view(np.uint8), np.asarray(want).view(np.uint8),
+                                    err_msg=name)
 
   def test_partial_edge_blocks_follow_the_official_formula(self):
     # transformers 5.23 derives the block size from the scale grid (rows // grid_rows), which is wrong when a

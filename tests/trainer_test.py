@@ -28,16 +28,24 @@ class LauncherTest(absltest.TestCase):
     cls.env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': os.path.join(cls.root, 'jax_cache'),
                'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', 'JAX_PLATFORMS': 'cpu'}
     cls.env.pop('XLA_FLAGS', None)
-    cls.reference = os.path.join(cls.root, 'uninterrupted')
-    shutil.rmtree(cls.reference, ignore_errors=True)
+    cls.reference = cls.fresh('uninterrupted')
     result = cls.launch(cls.reference).wait(timeout=600)
     assert result == 0, f'uninterrupted run failed with {result}'
+
+  @classmethod
+  def fresh(cls, name):
+    """An empty run directory, and an empty log for it (logs are appended to across a test's launches)."""
+    workdir = os.path.join(cls.root, name)
+    shutil.rmtree(workdir, ignore_errors=True)
+    if os.path.exists(workdir + '.log'):
+      os.remove(workdir + '.log')
+    return workdir
 
   @classmethod
   def launch(cls, workdir, *overrides):
     command = [sys.executable, '-m', 'launch.train', '--config=configs/tiny.py', f'--workdir={workdir}',
                f'--config.steps={STEPS}', '--config.checkpoint_every=5', *overrides]
-    log = open(os.path.join(cls.root, os.path.basename(workdir) + '.log'), 'a')
+    log = open(workdir + '.log', 'a')
     return subprocess.Popen(command, cwd=REPO, env=cls.env, stdout=log, stderr=subprocess.STDOUT)
 
   def losses(self, workdir):
@@ -47,7 +55,7 @@ class LauncherTest(absltest.TestCase):
     return [r['loss'] for r in records]
 
   def log_text(self, workdir):
-    with open(os.path.join(self.root, os.path.basename(workdir) + '.log')) as f:
+    with open(workdir + '.log') as f:
       return f.read()
 
   def wait_for_step(self, process, workdir, step, timeout=300):
@@ -76,8 +84,7 @@ class LauncherTest(absltest.TestCase):
     self.assertIn('sample:', self.log_text(self.reference))
 
   def test_kill_9_then_rerun_matches_bitwise(self):
-    workdir = os.path.join(self.root, 'killed')
-    shutil.rmtree(workdir, ignore_errors=True)
+    workdir = self.fresh('killed')
     process = self.launch(workdir)
     self.wait_for_step(process, workdir, 13)  # past the checkpoint at step 10
     process.send_signal(signal.SIGKILL)
@@ -87,8 +94,7 @@ class LauncherTest(absltest.TestCase):
     self.assertEqual(self.losses(workdir), self.losses(self.reference))  # float equality, every step
 
   def test_sigterm_saves_and_exits_zero(self):
-    workdir = os.path.join(self.root, 'preempted')
-    shutil.rmtree(workdir, ignore_errors=True)
+    workdir = self.fresh('preempted')
     process = self.launch(workdir)
     self.wait_for_step(process, workdir, 7)
     process.send_signal(signal.SIGTERM)
@@ -102,8 +108,7 @@ class LauncherTest(absltest.TestCase):
     self.assertEqual(self.losses(workdir), self.losses(self.reference))
 
   def test_damaged_newest_checkpoint_falls_back(self):
-    workdir = os.path.join(self.root, 'damaged')
-    shutil.rmtree(workdir, ignore_errors=True)
+    workdir = self.fresh('damaged')
     shutil.copytree(self.reference, workdir)
     checkpoints = os.path.join(workdir, 'checkpoints')
     steps = sorted(int(s) for s in os.listdir(checkpoints) if s.isdigit())
