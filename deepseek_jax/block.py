@@ -31,7 +31,19 @@ class Block(nnx.Module):
     self.ffn = MoE(cfg, rngs) if self.is_moe else MLP(cfg.dim, cfg.inter_dim, cfg, rngs)
 
   def __call__(self, x_BTD, positions_BT) -> tuple[jax.Array, MoEStats | None]:
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT)
+    return self._ffn(x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT))
+
+  def prefill(self, x_BTD, positions_BT, cache):
+    """The training computation over a prompt, also filling this layer's cache. Returns (x, cache)."""
+    attn_BTD, cache = self.attn.prefill(self.attn_norm(x_BTD), positions_BT, cache)
+    return self._ffn(x_BTD + attn_BTD)[0], cache
+
+  def decode(self, x_BTD, positions_BT, cache):
+    """New tokens at per-row positions against this layer's cache (absorbed or naive). Returns (x, cache)."""
+    attn_BTD, cache = self.attn.decode(self.attn_norm(x_BTD), positions_BT, cache)
+    return self._ffn(x_BTD + attn_BTD)[0], cache
+
+  def _ffn(self, x_BTD):
     if self.is_moe:
       y_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
     else:
@@ -64,3 +76,14 @@ def scan_blocks(blocks: nnx.Module, x_BTD, positions_BT, remat: bool = False, un
   if remat:
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
   return jax.lax.scan(body, x_BTD, state, unroll=unroll)
+
+
+def scan_blocks_cached(blocks: nnx.Module, x_BTD, positions_BT, cache, method: str):
+  """`Block.prefill` or `Block.decode` of stacked blocks, each with its slice of the stacked cache."""
+  graphdef, state = nnx.split(blocks)
+
+  def body(x, layer):
+    layer_state, layer_cache = layer
+    return getattr(nnx.merge(graphdef, layer_state), method)(x, positions_BT, layer_cache)
+
+  return jax.lax.scan(body, x_BTD, (state, cache))

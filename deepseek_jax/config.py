@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 _SCORE_FUNCS = ('sigmoid', 'softmax')
 _DTYPES = ('float32', 'bfloat16', 'float16')
-GMM_IMPLS = ('auto', 'ragged_dot', 'tiled')  # see grouped_matmul.gmm
+GMM_IMPLS = ('auto', 'ragged_dot', 'tiled', 'gather')  # see grouped_matmul.gmm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,7 @@ class ModelConfig:
   fp8_scale_fmt: str = 'f32'  # FP8 scales: 'f32' (V3) or 'ue8m0' (powers of two, V3.1).
   fp8_weights: bool = False  # hold projection / expert weights as FP8 codes + block scales (inference only).
   scan_layers: bool = True  # False unrolls the layer loop: faster small models on CPU, compile time ~ depth.
+  kv_block: int = 256  # decoding attends over the KV cache in blocks of this many positions, as far as filled.
 
   def __post_init__(self):
     _validate(self)
@@ -168,6 +169,7 @@ def _validate(c: ModelConfig) -> None:
   need(c.param_dtype in _DTYPES, 'param_dtype', f'must be one of {_DTYPES}')
   need(c.dtype in _DTYPES, 'dtype', f'must be one of {_DTYPES}')
   need(c.gmm_impl in GMM_IMPLS, 'gmm_impl', f'must be one of {GMM_IMPLS}')
+  need(c.kv_block > 0, 'kv_block', 'must be positive')
   need(c.quant in ('none', 'fp8'), 'quant', "must be 'none' or 'fp8'")
   need(c.fp8_impl in ('auto', 'pallas', 'interpret', 'xla'), 'fp8_impl', "must be 'auto', 'pallas', 'interpret' or 'xla'")
   need(c.fp8_scale_fmt in ('f32', 'ue8m0'), 'fp8_scale_fmt', "must be 'f32' or 'ue8m0'")

@@ -10,7 +10,9 @@ outputs with its gate weights. Work grows with the routed copies M = X * K, not 
   expert's weight in one batched matmul. A custom VJP recomputes the per-tile weight gather in the backward
   pass instead of storing it, and sums the weight gradient per expert. Work is (M + E * tile) * P * O with
   tiles of 128-256 rows (XLA:CPU runs smaller batched matmuls far below its dense speed).
-'auto' takes ragged_dot on TPU and tiled elsewhere.
+- 'gather' (decoding): with a handful of copies, each multiplies by its own expert's gathered weight: work
+  M * P * O, no padding, weight reads M * P * O.
+'auto' takes gather for M <= 4 E, else ragged_dot on TPU and tiled elsewhere.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from deepseek_jax.config import GMM_IMPLS as IMPLS
 from pallas_kernels.fp8_linear import fp8_grouped_linear
 
 
-def resolve(impl: str) -> str:
+def resolve(impl: str, m: int, n_experts: int) -> str:
+  """'auto': 'gather' for a handful of routed copies (decoding), else ragged_dot on TPU and tiled elsewhere."""
   if impl not in IMPLS:
     raise ValueError(f'gmm impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
+    if m <= 4 * n_experts:
+      return 'gather'
     return 'ragged_dot' if jax.default_backend() == 'tpu' else 'tiled'
   return impl
 
@@ -46,14 +51,17 @@ class Dispatch(NamedTuple):
   source_U: jax.Array  # token feeding each dispatched row (n_tokens: a padding row of zeros)
   slot_M: jax.Array  # row of the dispatched layout holding copy m = x * K + k
   group_sizes_E: jax.Array  # copies per expert
-  tile_expert: jax.Array | None  # tiled: the expert of each tile
+  tile_expert: jax.Array | None  # tiled: the expert of each tile; gather: the expert of each row
 
 
 def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
-  impl = resolve(impl)
   x, k = experts_XK.shape
   m = x * k
+  impl = resolve(impl, m, n_experts)
   flat_M = experts_XK.reshape(-1)
+  if impl == 'gather':  # copies stay in token order; each row fetches its own expert's weight
+    rank_M = jnp.arange(m, dtype=jnp.int32)
+    return Dispatch(impl, x, rank_M // k, rank_M, jnp.zeros((n_experts,), jnp.int32), flat_M.astype(jnp.int32))
   order_M = jnp.argsort(flat_M, stable=True)  # copies grouped by expert
   group_sizes_E = jnp.bincount(flat_M, length=n_experts).astype(jnp.int32)
   rank_M = jnp.arange(m, dtype=jnp.int32)
@@ -89,6 +97,8 @@ def matmul(d: Dispatch, rows_UP, w_EPO, recipe=None):
     return fp8_grouped_linear(rows_UP, w_EPO, d.tile_expert, recipe)
   if d.impl == 'ragged_dot':
     return jax.lax.ragged_dot(rows_UP, w_EPO, d.group_sizes_E)
+  if d.impl == 'gather':
+    return jnp.einsum('mp,mpo->mo', rows_UP, w_EPO[d.tile_expert])
   return tiled_matmul(rows_UP, w_EPO, d.tile_expert)
 
 

@@ -91,13 +91,18 @@ class Linear(nnx.Module):
     else:
       self.kernel, self.kernel_scale = normal_param(rngs, (d_in, d_out), axes, cfg), None
 
+  def dense_weight(self):
+    """The [in, out] weight in the compute dtype (FP8-held weights dequantized)."""
+    if self.kernel_scale is not None:
+      return dequantize_weight(self.kernel[...], self.kernel_scale[...], self.shape, self.dtype)
+    return self.kernel[...].astype(self.dtype)
+
   def __call__(self, x):
     x = x.astype(self.dtype)
     if self.kernel_scale is not None:
       if self.recipe is not None:
         return fp8_linear_frozen(x, self.kernel[...], self.kernel_scale[...], self.shape[1], self.recipe)
-      w = dequantize_weight(self.kernel[...], self.kernel_scale[...], self.shape, self.dtype)
-      return jnp.dot(x, w)
+      return jnp.dot(x, self.dense_weight())
     if self.recipe is not None:
       return fp8_linear(x, self.kernel[...], self.recipe)
     return jnp.dot(x, self.kernel[...].astype(self.dtype))

@@ -37,11 +37,11 @@ class RoutedExperts(nnx.Module):
     self.recipe = fp8_recipe(cfg)
     # FP8 quantizes 128-row tiles: the tiled layout keeps every expert's rows in whole tiles.
     self.gmm_impl = 'tiled' if self.recipe is not None else cfg.gmm_impl
-    self.shapes = {'w1': (e, d, i), 'w2': (e, i, d), 'w3': (e, d, i)}
+    self.shapes = (('w1', (e, d, i)), ('w2', (e, i, d)), ('w3', (e, d, i)))  # static attributes stay hashable
     axes = {'w1': ('expert', 'embed', 'moe_mlp'), 'w2': ('expert', 'moe_mlp', 'embed'),
             'w3': ('expert', 'embed', 'moe_mlp')}
     self.held_fp8 = cfg.fp8_weights
-    for name, shape in self.shapes.items():
+    for name, shape in self.shapes:
       if cfg.fp8_weights:
         codes, scales = fp8_weight(rngs, shape, axes[name], cfg)
         setattr(self, name, codes)
@@ -53,7 +53,7 @@ class RoutedExperts(nnx.Module):
     """(w1, w2, w3) as the matmuls take them: FP8 master weights raw (the FP8 path quantizes them itself),
     others cast to the compute dtype; weights held in FP8 dequantized."""
     out = []
-    for name, shape in self.shapes.items():
+    for name, shape in self.shapes:
       if self.held_fp8:
         # Re-quantizing a dequantized FP8 weight in the FP8 path gives back the same codes and scales.
         out.append(dequantize_weight(getattr(self, name)[...], getattr(self, name + '_scale')[...], shape,
@@ -64,7 +64,7 @@ class RoutedExperts(nnx.Module):
     return out
 
   def __call__(self, x_XD, experts_XK, weights_XK):
-    dispatch = gm.plan(experts_XK, self.shapes['w1'][0], self.gmm_impl)
+    dispatch = gm.plan(experts_XK, self.shapes[0][1][0], self.gmm_impl)
     rows_UD = gm.gather(dispatch, x_XD.astype(self.dtype))
     w1, w2, w3 = self.weights()
     matmul = functools.partial(gm.matmul, dispatch, recipe=self.recipe)

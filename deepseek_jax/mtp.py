@@ -34,7 +34,16 @@ class MTP(nnx.Module):
   def __call__(self, h_BTD, next_tokens_BT, positions_BT, embed: Embed,
                head: Linear) -> tuple[jax.Array, jax.Array, MoEStats | None]:
     """Returns (normalised representation for the next depth, logits [B, T, vocab], block MoE stats)."""
-    eh = jnp.concatenate([self.enorm(embed(next_tokens_BT)), self.hnorm(h_BTD)], axis=-1)  # [B, T, 2D]
-    x_BTD, stats = self.block(self.eh_proj(eh), positions_BT)
+    x_BTD, stats = self.block(self._combine(h_BTD, next_tokens_BT, embed), positions_BT)
     h_BTD = self.shared_head_norm(x_BTD)
     return h_BTD, head(h_BTD), stats
+
+  def cached(self, method: str, h_BTD, next_tokens_BT, positions_BT, embed: Embed, cache):
+    """The same through the block's `prefill` or `decode` with this depth's cache: (normalised h, cache).
+    The caller applies the head where it needs logits (decoding needs one position of several)."""
+    x_BTD, cache = getattr(self.block, method)(self._combine(h_BTD, next_tokens_BT, embed), positions_BT, cache)
+    return self.shared_head_norm(x_BTD), cache
+
+  def _combine(self, h_BTD, next_tokens_BT, embed: Embed):
+    eh = jnp.concatenate([self.enorm(embed(next_tokens_BT)), self.hnorm(h_BTD)], axis=-1)  # [B, T, 2D]
+    return self.eh_proj(eh)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import signal
 import time
@@ -24,11 +25,14 @@ from flax import nnx
 from deepseek_jax import data, schedules
 from deepseek_jax.checkpoint import Checkpointer
 from deepseek_jax.config import PRESETS, ModelConfig
+from deepseek_jax.generate import generate
 from deepseek_jax.metrics import MetricsWriter, plot_loss_curve, read_metrics
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.optimizer import adamw
-from deepseek_jax.sampling import greedy_rollout
 from deepseek_jax.train_step import Hyper, TrainState, eval_step, init_train_state, train_step
+
+
+MODEL_FILE = 'model.json'
 
 
 @dataclasses.dataclass
@@ -53,6 +57,8 @@ def train(config, workdir: str) -> TrainResult:
     raise ValueError('model fp8_weights holds weights as FP8 codes for inference; training needs the fp32 master '
                      "weights (set quant='fp8' for the FP8 training recipe)")
   os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, MODEL_FILE), 'w') as f:  # what restore_model rebuilds the model from
+    json.dump(dataclasses.asdict(cfg), f, indent=2)
   corpus = data.prepare(config.data, os.path.join(workdir, 'data'))
   if corpus.vocab_size > cfg.vocab_size:
     raise ValueError(f'the tokenizer has {corpus.vocab_size} tokens but the model vocab_size is {cfg.vocab_size}')
@@ -121,6 +127,25 @@ def train(config, workdir: str) -> TrainResult:
   return TrainResult(step, False, val_loss if val_loss is not None else evaluate(state), sample)
 
 
+def restore_model(workdir: str) -> tuple[ModelConfig, DeepSeekV3, int]:
+  """The model of a training run's newest readable checkpoint: (config, model, step)."""
+  path = os.path.join(workdir, MODEL_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training run directory')
+  with open(path) as f:
+    cfg = ModelConfig(**json.load(f))
+  graphdef, abstract = nnx.eval_shape(lambda: init_train_state(DeepSeekV3(cfg, nnx.Rngs(0)), adamw()))
+  checkpoints = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  try:
+    restored = checkpoints.restore(abstract)
+  finally:
+    checkpoints.close()
+  if restored is None:
+    raise FileNotFoundError(f'no readable checkpoint under {os.path.join(workdir, "checkpoints")}')
+  step, state, _ = restored
+  return cfg, nnx.merge(graphdef, state.params, state.bias), step
+
+
 def _check_batching(config) -> None:
   micro = config.microbatch_size
   sizes = [config.batch_size] + ([config.batch_ramp.start, config.batch_ramp.multiple] if config.get('batch_ramp')
@@ -173,8 +198,7 @@ def _record(metrics, clock, config, step, step_metrics, lr, n_tokens, val_loss, 
 def _sample(graphdef, state: TrainState, tokenizer, config) -> str:
   model = nnx.merge(graphdef, state.params, state.bias)
   prompt = tokenizer.encode(config.sample_prompt).ids if tokenizer else [0]
-  out = greedy_rollout(model, jnp.asarray([prompt], jnp.int32), config.sample_tokens)
-  ids = np.asarray(out[0]).tolist()
+  ids = prompt + generate(model, [prompt], config.sample_tokens).tokens[0]  # greedy, through the KV cache
   return tokenizer.decode(ids) if tokenizer else ' '.join(map(str, ids))
 
 

@@ -32,13 +32,13 @@ def problem(key, x=40, k=3, d=24, o=16, e=6):
 class DispatchTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters('tiled', 'ragged_dot')
+  @parameterized.parameters('tiled', 'ragged_dot', 'gather')
   def test_matches_reference(self, impl):
     x, experts, weights, w = problem(jax.random.key(0))
     got = self.variant(lambda *a: routed_ffn(*a, impl))(x, experts, weights, w)
     np.testing.assert_allclose(got, reference_ffn(x, experts, weights, w), rtol=1e-5, atol=1e-3)
 
-  @parameterized.parameters('tiled', 'ragged_dot')
+  @parameterized.parameters('tiled', 'ragged_dot', 'gather')
   def test_gradients(self, impl):
     x, experts, weights, w = problem(jax.random.key(1))
     cot = jax.random.normal(jax.random.key(2), (x.shape[0], w.shape[-1]))
@@ -55,6 +55,10 @@ class DispatchTest(parameterized.TestCase):
     want = jnp.concatenate([rows[:4] @ w[0], rows[4:] @ w[2]])
     np.testing.assert_allclose(gm.reference_matmul(rows, w, sizes), want, rtol=1e-6)
     np.testing.assert_allclose(jax.lax.ragged_dot(rows, w, sizes), want, rtol=1e-6)
+
+  def test_auto_picks_gather_for_few_copies(self):
+    self.assertEqual(gm.resolve('auto', 64, 16), 'gather')  # decoding: B * K copies
+    self.assertIn(gm.resolve('auto', 8192, 16), ('tiled', 'ragged_dot'))
 
   def test_tile_padding_bound(self):
     for m, g in [(8192, 16), (64, 8), (4096, 256), (100, 3), (10**6, 8)]:

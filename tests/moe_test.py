@@ -34,7 +34,7 @@ def official_moe(moe, x_XD, cfg):
 
 class MoETest(parameterized.TestCase):
 
-  @parameterized.parameters('tiled', 'ragged_dot')
+  @parameterized.parameters('tiled', 'ragged_dot', 'gather')
   def test_matches_official_loop(self, impl):
     cfg = CFG.replace(gmm_impl=impl)
     moe = make_moe(cfg)

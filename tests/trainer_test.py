@@ -83,6 +83,25 @@ class LauncherTest(absltest.TestCase):
     self.assertTrue(os.listdir(os.path.join(self.reference, 'tensorboard')))
     self.assertIn('sample:', self.log_text(self.reference))
 
+  def test_decode_speculative_prints_the_plain_text(self):
+    def decode(*flags):
+      done = subprocess.run([sys.executable, '-m', 'launch.decode', f'--workdir={self.reference}', '--prompt=def ',
+                             '--max_new_tokens=24', '--temperature=0', *flags], cwd=REPO, env=self.env,
+                            capture_output=True, text=True, timeout=300)
+      self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+      text, report = re.split(r'\n(?=\d+ tokens in \d+ decode steps)', done.stdout, maxsplit=1)
+      return text, report
+
+    plain, plain_report = decode()
+    spec, spec_report = decode('--speculative=mtp')
+    self.assertTrue(plain.startswith('def '))
+    self.assertEqual(spec, plain)  # lossless: the same greedy text
+    self.assertIn('tokens/s', plain_report)
+    self.assertRegex(spec_report, r'MTP acceptance: \d+/\d+')
+    with self.assertRaises(subprocess.CalledProcessError):  # a clear error for a directory that is not a run
+      subprocess.run([sys.executable, '-m', 'launch.decode', f'--workdir={self.root}', '--prompt=x'], cwd=REPO,
+                     env=self.env, capture_output=True, text=True, timeout=300, check=True)
+
   def test_kill_9_then_rerun_matches_bitwise(self):
     workdir = self.fresh('killed')
     process = self.launch(workdir)

@@ -1,0 +1,210 @@
+"""Batched generation: prefill, then a jit-compiled decode loop with fixed shapes, plain or MTP-speculative.
+
+Prompts of different lengths are right-padded into one batch; each row decodes at its own position. The
+loop runs in compiled chunks of steps (`lax.while_loop`, one compilation for a given batch, prompt length and
+budget; it ends early once every row is done): the whole budget at once, or one step at a time when a
+callback streams the tokens out.
+
+Speculative decoding with the MTP module (paper §2.2, §5.4.3): the MTP module drafts the token after next;
+one main-model forward over [next token, draft] verifies the draft and yields the token after it, so a step
+emits two tokens when the draft is kept and one otherwise. A rejected draft's cache entry is simply
+overwritten by the next step (the cache rolls back by not advancing). Acceptance follows the lossless rule
+of sampling.accept_draft, so greedy output is token for token the plain greedy output.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax import decode
+from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.sampling import SamplingParams, accept_draft, sample
+
+
+class Generation(NamedTuple):
+  tokens: list[list[int]]  # per row, the new tokens (a stop token included, then nothing)
+  steps: int  # decode steps after the prefill
+  drafts: int  # speculative: drafts verified (summed over rows still generating)
+  accepted: int  # speculative: drafts kept
+
+
+class _State(NamedTuple):
+  cache: dict
+  token_B: jax.Array  # the newest token, not yet run through the main model
+  position_B: jax.Array  # its position
+  key: jax.Array
+  out_BN: jax.Array  # emitted tokens
+  count_B: jax.Array  # tokens emitted per row
+  done_B: jax.Array
+  draft_B: jax.Array  # speculative: the MTP draft for position + 1
+  draft_logits_BW: jax.Array  # speculative: the logits it was drawn from
+  drafts: jax.Array
+  accepted: jax.Array
+
+
+def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             params: SamplingParams = SamplingParams(), seed: int = 0, stop_tokens: Sequence[int] = (),
+             speculative: bool = False, cache_form: str = 'absorbed', cache_dtype=None, fp8_cache: bool = False,
+             on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
+  """Generates up to max_new_tokens after each prompt. `on_step(new_tokens_per_row)` streams each step."""
+  cfg = model.cfg
+  prompts = [list(p) for p in prompts]
+  _check(cfg, prompts, max_new_tokens, params, speculative)
+  b, t = len(prompts), max(len(p) for p in prompts)
+  lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
+  tokens_BT = jnp.asarray([p + [0] * (t - len(p)) for p in prompts], jnp.int32)
+  cache = decode.init_cache(cfg, b, t + max_new_tokens + 2, cache_form, cache_dtype, fp8_cache)
+  stops = tuple(int(s) for s in stop_tokens)
+  # The model to decode with (per-layer weights when unrolled), split once and its GraphDef hashed once:
+  # nnx.jit would walk the graph, and jax.jit would hash the GraphDef (~1 ms), on every call.
+  graphdef, weights = nnx.split(decode.unstack(model))
+  graphdef = _Static(graphdef)
+  state = _start(graphdef, weights, tokens_BT, lengths_B, cache, jax.random.key(seed), max_new_tokens, params,
+                 stops, speculative)
+  # One device-to-host copy per call of what the host needs: the done flags, counts and tokens.
+  done, counts, out = jax.device_get((state.done_B, state.count_B, state.out_BN))
+  emitted, steps = [1] * b, 0
+  if on_step is not None:
+    on_step([[int(x)] for x in out[:, 0]])
+  chunk = 1 if on_step is not None else max_new_tokens
+  while not done.all():
+    state, taken = _steps(graphdef, weights, state, chunk, params, stops, speculative)
+    taken, done, counts, out = jax.device_get((taken, state.done_B, state.count_B, state.out_BN))
+    steps += int(taken)
+    if on_step is not None:
+      on_step([out[r, emitted[r]:counts[r]].tolist() for r in range(b)])
+      emitted = counts.tolist()
+  counts = np.minimum(counts, max_new_tokens)
+  return Generation([_until_stop(out[r, :counts[r]].tolist(), stops) for r in range(b)], steps,
+                    int(state.drafts), int(state.accepted))
+
+
+def _check(cfg, prompts, max_new_tokens, params, speculative):
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError('generate: every prompt needs at least one token')
+  longest = max(len(p) for p in prompts)
+  if longest + max_new_tokens + (1 if speculative else 0) > cfg.max_seq_len:
+    raise ValueError(f'generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model '
+                     f'max_seq_len {cfg.max_seq_len}')
+  if max_new_tokens < 1:
+    raise ValueError('generate: max_new_tokens must be >= 1')
+  if speculative and not cfg.n_mtp_layers:
+    raise ValueError('generate: speculative decoding drafts with the MTP module; this model has none')
+  if params.temperature < 0 or not 0 < params.top_p <= 1 or not 0 <= params.top_k <= cfg.vocab_size:
+    raise ValueError(f'generate: invalid sampling parameters {params}')
+
+
+def _until_stop(tokens, stops):
+  for i, token in enumerate(tokens):
+    if token in stops:
+      return tokens[:i + 1]
+  return tokens
+
+
+def _is_stop(tokens_B, stops):
+  return jnp.isin(tokens_B, jnp.asarray(stops, jnp.int32)) if stops else jnp.zeros(tokens_B.shape, bool)
+
+
+class _Static:
+  """A static jit argument whose hash is computed once."""
+
+  def __init__(self, value):
+    self.value, self._hash = value, hash(value)
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return isinstance(other, _Static) and (self is other or self.value == other.value)
+
+
+def _merge(graphdef: _Static, weights):
+  return nnx.merge(graphdef.value, weights)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _start(graphdef, weights, tokens_BT, lengths_B, cache, key, max_new, params, stops, speculative) -> _State:
+  """Prefill, the first token from each row's last prompt position, and (speculative) the first draft."""
+  model = _merge(graphdef, weights)
+  b = tokens_BT.shape[0]
+  rows_B = jnp.arange(b)
+  logits_BTW, hidden_BTD, cache = decode.prefill(model, tokens_BT, cache)
+  key, first_key, draft_key = jax.random.split(key, 3)
+  token_B = sample(logits_BTW[rows_B, lengths_B - 1], first_key, params)
+  out_BN = jnp.zeros((b, max_new + 1), jnp.int32).at[:, 0].set(token_B)
+  done_B = _is_stop(token_B, stops) | (max_new <= 1)
+  draft_B = jnp.zeros((b,), jnp.int32)
+  draft_logits_BW = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)
+  if speculative:
+    # MTP position i reads token i + 1: the prompt shifted left, and the token just sampled after its end.
+    shifted_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
+    next_BT = jnp.where(jnp.arange(tokens_BT.shape[1]) == (lengths_B - 1)[:, None], token_B[:, None], shifted_BT)
+    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    mtp_BTD, cache = decode.mtp(model, hidden_BTD, next_BT, positions_BT, cache, 'prefill')
+    draft_logits_BW = model.head(mtp_BTD[rows_B, lengths_B - 1]).astype(jnp.float32)
+    draft_B = sample(draft_logits_BW, draft_key, params)
+  zero = jnp.zeros((), jnp.int32)
+  return _State(cache, token_B, lengths_B, key, out_BN, jnp.ones((b,), jnp.int32), done_B, draft_B,
+                draft_logits_BW, zero, zero)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6), donate_argnums=2)
+def _steps(graphdef, weights, state: _State, n: int, params, stops, speculative) -> tuple[_State, jax.Array]:
+  """Up to n decode steps, fewer when every row is done: (state, steps taken)."""
+  model = _merge(graphdef, weights)
+  step = _speculative_step if speculative else _plain_step
+
+  def body(carry):
+    taken, s = carry
+    return taken + 1, step(model, s, params, stops)
+
+  taken, state = jax.lax.while_loop(lambda c: (c[0] < n) & ~jnp.all(c[1].done_B), body, (0, state))
+  return state, taken
+
+
+def _emit(state: _State, token_B, emit_B, stops):
+  """Appends token to the rows where emit is set; a stop token or a full budget ends a row."""
+  max_new = state.out_BN.shape[1] - 1
+  rows_B = jnp.arange(token_B.shape[0])
+  emit_B = emit_B & ~state.done_B
+  out_BN = state.out_BN.at[rows_B, jnp.where(emit_B, state.count_B, max_new)].set(
+      jnp.where(emit_B, token_B, state.out_BN[rows_B, max_new]))
+  count_B = state.count_B + emit_B
+  done_B = state.done_B | (emit_B & _is_stop(token_B, stops)) | (count_B >= max_new)
+  return state._replace(out_BN=out_BN, count_B=count_B, done_B=done_B)
+
+
+def _plain_step(model, state: _State, params, stops) -> _State:
+  logits_BTW, _, cache = decode.decode(model, state.token_B[:, None], state.position_B[:, None], state.cache)
+  key, sample_key = jax.random.split(state.key)
+  token_B = sample(logits_BTW[:, 0], sample_key, params)
+  state = state._replace(cache=cache, key=key, token_B=token_B, position_B=state.position_B + 1)
+  return _emit(state, token_B, jnp.ones_like(state.done_B), stops)
+
+
+def _speculative_step(model, state: _State, params, stops) -> _State:
+  tokens_BT = jnp.stack([state.token_B, state.draft_B], axis=1)
+  positions_BT = jnp.stack([state.position_B, state.position_B + 1], axis=1)
+  logits_BTW, hidden_BTD, cache = decode.decode(model, tokens_BT, positions_BT, state.cache)
+  key, accept_key, next_key, draft_key = jax.random.split(state.key, 4)
+  accepted_B, first_B = accept_draft(logits_BTW[:, 0], state.draft_logits_BW, state.draft_B, accept_key, params)
+  second_B = sample(logits_BTW[:, 1], next_key, params)  # the token after a kept draft
+  # The MTP module at the two positions reads the tokens that follow them: valid as far as they were kept.
+  mtp_BTD, cache = decode.mtp(model, hidden_BTD, jnp.stack([first_B, second_B], axis=1), positions_BT, cache,
+                              'decode')
+  # Only the newest kept position drafts: one head product per row.
+  draft_logits_BW = model.head(jnp.where(accepted_B[:, None], mtp_BTD[:, 1], mtp_BTD[:, 0])).astype(jnp.float32)
+  active_B = ~state.done_B
+  state = state._replace(
+      cache=cache, key=key, token_B=jnp.where(accepted_B, second_B, first_B),
+      position_B=state.position_B + 1 + accepted_B, draft_logits_BW=draft_logits_BW,
+      draft_B=sample(draft_logits_BW, draft_key, params), drafts=state.drafts + active_B.sum(),
+      accepted=state.accepted + (accepted_B & active_B).sum())
+  state = _emit(state, first_B, jnp.ones_like(accepted_B), stops)
+  return _emit(state, second_B, accepted_B, stops)

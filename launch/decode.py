@@ -1,0 +1,90 @@
+r"""Generate text from a training run or an official-format Hugging Face directory (absl).
+
+  python -m launch.decode --workdir=runs/demo --prompt="def " --temperature=0 --speculative=mtp
+  python -m launch.decode --hf_dir=/models/DeepSeek-V3 --prompt_file=prompts.txt --max_new_tokens=256
+
+Streams the text of a single prompt as it is generated, then prints tokens/s (and the MTP acceptance rate).
+"""
+
+import sys
+import time
+
+import jax.numpy as jnp
+from absl import app, flags, logging
+
+from deepseek_jax.generate import generate
+from deepseek_jax.hf import load_hf
+from deepseek_jax.sampling import SamplingParams
+from deepseek_jax.tokenizer import hf_codec, run_codec
+from deepseek_jax.trainer import restore_model
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by launch/train.py (newest checkpoint).')
+_HF_DIR = flags.DEFINE_string('hf_dir', None, 'An official-format Hugging Face DeepSeek directory.')
+_PROMPT = flags.DEFINE_string('prompt', None, 'The prompt.')
+_PROMPT_FILE = flags.DEFINE_string('prompt_file', None, 'A file with one prompt per line (one batch).')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt at most.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 is greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens (0: all).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set of tokens with this probability.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_SPECULATIVE = flags.DEFINE_enum('speculative', 'none', ['none', 'mtp'], 'Draft with the MTP module.')
+_CACHE = flags.DEFINE_enum('cache', 'absorbed', ['absorbed', 'naive', 'fp8'],
+                           'KV cache: the absorbed MLA latent, per-head K/V, or the latent in FP8.')
+_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Weights and activations (--hf_dir).')
+_FP8_WEIGHTS = flags.DEFINE_bool('fp8_weights', False, 'Keep an FP8 checkpoint in FP8 (--hf_dir).')
+
+
+def main(argv):
+  del argv
+  if bool(_WORKDIR.value) == bool(_HF_DIR.value):
+    raise app.UsageError('give exactly one of --workdir and --hf_dir')
+  if bool(_PROMPT.value is not None) == bool(_PROMPT_FILE.value):
+    raise app.UsageError('give exactly one of --prompt and --prompt_file')
+  if _WORKDIR.value:
+    cfg, model, step = restore_model(_WORKDIR.value)
+    codec = run_codec(_WORKDIR.value)
+    logging.info('restored step %d of %s', step, _WORKDIR.value)
+  else:
+    cfg, model = load_hf(_HF_DIR.value, dtype=jnp.dtype(_DTYPE.value), fp8_weights=_FP8_WEIGHTS.value)
+    codec = hf_codec(_HF_DIR.value)
+  if _PROMPT_FILE.value:
+    with open(_PROMPT_FILE.value) as f:
+      texts = [line.rstrip('\n') for line in f if line.strip()]
+  else:
+    texts = [_PROMPT.value]
+  prompts = [codec.encode(text) for text in texts]
+  if any(not p for p in prompts):
+    raise app.UsageError('a prompt encodes to no tokens: give some text')
+  streamed, marks = [], []  # marks: (time, tokens so far) after each step
+
+  def on_step(new_tokens):
+    marks.append((time.perf_counter(), sum(map(len, new_tokens)) + (marks[-1][1] if marks else 0)))
+    if len(prompts) == 1:
+      streamed.extend(new_tokens[0])
+      text = codec.decode(streamed)
+      sys.stdout.write(text[len(on_step.shown):])
+      sys.stdout.flush()
+      on_step.shown = text
+
+  on_step.shown = ''
+  if len(prompts) == 1:
+    sys.stdout.write(texts[0])
+  start = time.perf_counter()
+  result = generate(model, prompts, _MAX_NEW.value, SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
+                    seed=_SEED.value, stop_tokens=codec.stop_ids, speculative=_SPECULATIVE.value == 'mtp',
+                    cache_form='naive' if _CACHE.value == 'naive' else 'absorbed', fp8_cache=_CACHE.value == 'fp8',
+                    on_step=on_step)
+  if len(prompts) > 1:
+    for text, tokens in zip(texts, result.tokens):
+      print(f'{text}{codec.decode(tokens)}\n---')
+  # Throughput after the first decode step: the prefill and both compilations are behind us by then.
+  (t1, n1), (t2, n2) = marks[min(1, len(marks) - 1)], marks[-1]
+  rate = f'{(n2 - n1) / (t2 - t1):.1f} tokens/s' if t2 > t1 else 'n/a'
+  print(f'\n{n2} tokens in {result.steps} decode steps; first token after {marks[0][0] - start:.2f}s '
+        f'(prefill and compilation), then {rate}')
+  if _SPECULATIVE.value == 'mtp':
+    print(f'MTP acceptance: {result.accepted}/{result.drafts} = {result.accepted / max(result.drafts, 1):.1%}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,155 @@
+"""Generation: greedy equals the full-forward rollout, rows are independent, speculative decoding is lossless,
+our greedy tokens equal transformers' generate(), sampling filters, and clear errors."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import absltest, parameterized
+from flax import nnx
+
+from deepseek_jax.config import PRESETS
+from deepseek_jax.generate import generate
+from deepseek_jax.optimizer import adamw
+from deepseek_jax.sampling import SamplingParams, accept_draft, filtered_logits, greedy_rollout, sample
+from deepseek_jax.train_step import Hyper, init_train_state, train_step
+from deepseek_jax.trainer import restore_model
+from tests.helpers import random_model
+
+TINY = PRESETS['tiny']
+PROMPTS = [[5, 9, 33, 7, 120], [100, 2], [7, 7, 7, 7, 7, 8, 250]]
+
+
+def trained_tiny(steps=60):
+  """A tiny model trained on a repeating pattern: its MTP module learns to draft (acceptance >> 0)."""
+  model = random_model(TINY, seed=1)
+  tx = adamw()
+  graphdef, state = init_train_state(model, tx)
+  step = jax.jit(functools.partial(train_step, graphdef, tx))
+  pattern = jnp.tile(jnp.arange(3, 3 + 11), 8)[:65]
+  batch = jnp.stack([jnp.roll(pattern, -i) for i in range(4)])[None]
+  hyper = Hyper(*(jnp.float32(v) for v in (3e-3, 1e-3, 0.3, 1e-4)))
+  for _ in range(steps):
+    state, _ = step(state, batch, hyper)
+  return nnx.merge(graphdef, state.params, state.bias)
+
+
+class GenerateTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = random_model(TINY, seed=3)
+    cls.greedy = generate(cls.model, PROMPTS, 10)
+
+  def test_greedy_equals_full_forward_rollout(self):
+    for prompt, tokens in zip(PROMPTS, self.greedy.tokens):
+      want = np.asarray(greedy_rollout(self.model, jnp.asarray([prompt]), 10))[0, len(prompt):]
+      self.assertEqual(tokens, want.tolist())
+
+  def test_rows_do_not_affect_each_other(self):
+    for prompt, tokens in zip(PROMPTS, self.greedy.tokens):
+      self.assertEqual(generate(self.model, [prompt], 10).tokens[0], tokens)
+
+  @parameterized.parameters('naive', 'absorbed')
+  def test_cache_forms_agree(self, form):
+    self.assertEqual(generate(self.model, PROMPTS, 10, cache_form=form).tokens, self.greedy.tokens)
+
+  def test_speculative_greedy_equals_plain_on_random_model(self):
+    spec = generate(self.model, PROMPTS, 10, speculative=True)
+    self.assertEqual(spec.tokens, self.greedy.tokens)
+    self.assertGreater(spec.drafts, 0)
+
+  def test_speculative_greedy_equals_plain_on_trained_model(self):
+    model = trained_tiny()
+    prompts = [[3, 4, 5, 6], [9, 10, 11, 12, 13, 3, 4]]
+    plain = generate(model, prompts, 24)
+    spec = generate(model, prompts, 24, speculative=True)
+    self.assertEqual(spec.tokens, plain.tokens)
+    self.assertGreater(spec.accepted / spec.drafts, 0.5)  # the MTP module learned the pattern
+    self.assertLess(spec.steps, plain.steps)
+
+  def test_stop_tokens_and_streaming(self):
+    stop = self.greedy.tokens[0][3]
+    out = generate(self.model, PROMPTS, 10, stop_tokens=[stop])
+    self.assertEqual(out.tokens[0], self.greedy.tokens[0][:4])  # the stop token ends the row, included
+    for row in (1, 2):
+      want = self.greedy.tokens[row]
+      self.assertEqual(out.tokens[row], want[:want.index(stop) + 1] if stop in want else want)
+    streamed = []
+    generate(self.model, PROMPTS[:1], 6, on_step=lambda new: streamed.extend(new[0]))
+    self.assertEqual(streamed, self.greedy.tokens[0][:6])
+
+  def test_sampling_is_seeded(self):
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9)
+    a = generate(self.model, PROMPTS, 8, params, seed=4)
+    self.assertEqual(a.tokens, generate(self.model, PROMPTS, 8, params, seed=4).tokens)
+    self.assertNotEqual(a.tokens, generate(self.model, PROMPTS, 8, params, seed=5).tokens)
+
+  def test_errors(self):
+    with self.assertRaisesRegex(ValueError, 'max_seq_len'):
+      generate(self.model, [[1] * 120], 20)
+    with self.assertRaisesRegex(ValueError, 'at least one token'):
+      generate(self.model, [[1, 2], []], 4)
+    with self.assertRaisesRegex(ValueError, 'MTP module'):
+      generate(random_model(TINY.replace(n_mtp_layers=0)), [[1]], 4, speculative=True)
+    with self.assertRaisesRegex(FileNotFoundError, 'not a training run'):
+      restore_model(self.create_tempdir().full_path)
+
+
+class SamplingTest(absltest.TestCase):
+
+  def test_filters(self):
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda p: np.isfinite(np.asarray(filtered_logits(logits, p)))[0].tolist()
+    self.assertEqual(kept(SamplingParams(1.0, top_k=2)), [True, True, False, False])
+    self.assertEqual(kept(SamplingParams(1.0, top_p=0.7)), [True, True, False, False])  # 0.5 < 0.7 <= 0.8
+    self.assertEqual(kept(SamplingParams(1.0, top_p=0.5)), [True, False, False, False])
+    self.assertEqual(int(sample(logits, jax.random.key(0), SamplingParams())[0]), 0)
+
+  def test_speculative_acceptance_is_lossless(self):
+    """Drafts from q, the acceptance rule, resampling from max(p - q, 0): emitted tokens follow p exactly."""
+    n = 200_000
+    p_logits = jnp.log(jnp.array([0.45, 0.25, 0.2, 0.1]))
+    q_logits = jnp.log(jnp.array([0.1, 0.2, 0.3, 0.4]))  # a poor draft model
+    params = SamplingParams(temperature=1.0)
+    draft = jax.random.categorical(jax.random.key(1), jnp.broadcast_to(q_logits, (n, 4)), axis=-1)
+    accepted, token = accept_draft(jnp.broadcast_to(p_logits, (n, 4)), jnp.broadcast_to(q_logits, (n, 4)), draft,
+                                   jax.random.key(2), params)
+    freq = np.bincount(np.asarray(token), minlength=4) / n
+    np.testing.assert_allclose(freq, [0.45, 0.25, 0.2, 0.1], atol=0.005)
+    expected_acceptance = float(jnp.sum(jnp.minimum(jnp.exp(p_logits), jnp.exp(q_logits))))
+    self.assertAlmostEqual(float(jnp.mean(accepted)), expected_acceptance, delta=0.005)
+
+
+class TransformersGenerateTest(absltest.TestCase):
+
+  def test_greedy_tokens_equal_transformers_generate(self):
+    torch = pytest.importorskip('torch')
+    transformers = pytest.importorskip('transformers')
+    from deepseek_jax.hf import load_hf
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=24,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=128,
+        num_nextn_predict_layers=0, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    hf = transformers.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+      for name, p in hf.named_parameters():
+        p.copy_(1 + 0.2 * torch.randn_like(p) if 'norm' in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
+      for layer in hf.model.layers[1:]:
+        layer.mlp.gate.e_score_correction_bias.copy_(0.1 * torch.randn(8))
+    path = os.path.join(self.create_tempdir().full_path, 'ckpt')
+    hf.save_pretrained(path)
+    _, model = load_hf(path)
+    prompts = [[5, 17, 200, 3], [42, 8]]
+    ours = generate(model, prompts, 12).tokens
+    for prompt, tokens in zip(prompts, ours):
+      with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)
+      self.assertEqual(tokens, want[0, len(prompt):].tolist())

@@ -1,0 +1,111 @@
+"""Decoding tokenizers: an HF directory's tokenizer.json and chat template against transformers, and the
+decoding launcher on an official-format directory."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+from deepseek_jax import data
+from deepseek_jax.hf import save_hf
+from deepseek_jax.config import PRESETS
+from deepseek_jax.tokenizer import hf_codec, run_codec
+from tests.helpers import random_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BOS, EOS, USER, ASSISTANT = '<｜begin▁of▁sentence｜>', '<｜end▁of▁sentence｜>', '<｜User｜>', '<｜Assistant｜>'
+# DeepSeek-V3's template shortened to user / assistant turns, laid out over lines: without transformers'
+# trim_blocks / lstrip_blocks the rendering would gain newlines and indentation.
+TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}"
+    "{% for message in messages %}\n"
+    "  {% if message['role'] == 'user' %}\n"
+    "{{ '<｜User｜>' + message['content'] }}{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}\n"
+    "{% endfor %}\n"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
+TEXT = ['def parse(line):\n    return line.split(",")\n', 'Hello, world! Ünïcödé and emoji 🙂 too.'] * 20
+
+
+def hf_directory(path, template=True, vocab_size=300):
+  """tokenizer.json (a byte-level BPE with DeepSeek's special tokens) and tokenizer_config.json."""
+  tokenizer = data.train_tokenizer(TEXT, vocab_size - 4)
+  tokenizer.add_special_tokens([BOS, EOS, USER, ASSISTANT])
+  os.makedirs(path, exist_ok=True)
+  tokenizer.save(os.path.join(path, 'tokenizer.json'))
+  added = lambda token: {'__type': 'AddedToken', 'content': token, 'lstrip': False, 'normalized': True,
+                         'rstrip': False, 'single_word': False}  # as DeepSeek-V3's tokenizer_config.json
+  config = {'bos_token': added(BOS), 'eos_token': added(EOS), 'add_bos_token': True,
+            'tokenizer_class': 'PreTrainedTokenizerFast'}
+  if template:
+    config['chat_template'] = TEMPLATE
+  with open(os.path.join(path, 'tokenizer_config.json'), 'w') as f:
+    json.dump(config, f)
+  return tokenizer
+
+
+class HFCodecTest(absltest.TestCase):
+
+  def test_chat_template_matches_transformers(self):
+    try:
+      import transformers
+    except ImportError:
+      self.skipTest('SKIPPED LOUDLY: transformers is not installed (pip install -e ".[test]")')
+    path = tempfile.mkdtemp()
+    hf_directory(path)
+    codec = hf_codec(path)
+    reference = transformers.AutoTokenizer.from_pretrained(path)
+    for prompt in ('def parse(', 'Ünïcödé 🙂\n  indented', ''):
+      want = reference.apply_chat_template([{'role': 'user', 'content': prompt}], add_generation_prompt=True,
+                                           tokenize=True)
+      want = want['input_ids'] if isinstance(want, dict) or hasattr(want, 'keys') else want
+      self.assertEqual(codec.encode(prompt), list(want))
+    ids = codec.encode('def parse(')
+    self.assertEqual(ids[0], codec.tokenizer.token_to_id(BOS))
+    self.assertEqual(codec.decode(ids), 'def parse(')  # special tokens skipped
+    self.assertEqual(codec.stop_ids, [codec.tokenizer.token_to_id(EOS)])
+
+  def test_without_template_adds_bos_as_configured(self):
+    path = tempfile.mkdtemp()
+    tokenizer = hf_directory(path, template=False)
+    ids = hf_codec(path).encode('Hello')
+    self.assertEqual(ids, [tokenizer.token_to_id(BOS)] + tokenizer.encode('Hello', add_special_tokens=False).ids)
+
+  def test_missing_tokenizer_errors_name_the_file(self):
+    with self.assertRaisesRegex(FileNotFoundError, 'tokenizer.json'):
+      hf_codec(tempfile.mkdtemp())
+    with self.assertRaisesRegex(FileNotFoundError, 'not a training run directory'):
+      run_codec(tempfile.mkdtemp())
+
+
+class HFDecodeLauncherTest(absltest.TestCase):
+
+  def test_decodes_an_official_format_directory(self):
+    path = tempfile.mkdtemp()
+    tokenizer = hf_directory(path)
+    cfg = PRESETS['tiny'].replace(vocab_size=tokenizer.get_vocab_size())
+    save_hf(cfg, random_model(cfg, seed=2), path)
+
+    def decode(*flags):
+      done = subprocess.run([sys.executable, '-m', 'launch.decode', f'--hf_dir={path}', '--prompt=def ',
+                             '--max_new_tokens=12', '--dtype=float32', *flags], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+      self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+      return done.stdout
+
+    plain, spec = decode(), decode('--speculative=mtp')
+    self.assertRegex(plain, r'\d+ tokens in \d+ decode steps')
+    self.assertRegex(spec, r'MTP acceptance: \d+/\d+')
+    split = lambda out: re.split(r'\n(?=\d+ tokens in)', out, maxsplit=1)[0]
+    self.assertEqual(split(plain), split(spec))
+    self.assertTrue(split(plain).startswith('def '))
+
+
+if __name__ == '__main__':
+  absltest.main()
