@@ -18,6 +18,8 @@ def base_config(model: str, steps: int, batch_size: int, seq_len: int, peak_lr: 
   config.batch_size = batch_size  # sequences per step (the final size when batch_ramp is set)
   config.batch_ramp = ml_collections.ConfigDict()  # optional: start, tokens, multiple
   config.microbatch_size = 0  # 0: the whole batch at once; else gradients accumulate over microbatches
+  # Device mesh (deepseek_jax/sharding.py): -1 fills the devices. Batches split over data x expert.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, pipeline=1))
   config.seq_len = seq_len
   total_tokens = steps * batch_size * seq_len
   config.lr = schedules.paper_lr(total_tokens, peak_lr, warmup_tokens)

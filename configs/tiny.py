@@ -14,4 +14,5 @@ def get_config():
   config.eval_batches = 2
   config.checkpoint_every = 5
   config.sample_tokens = 16
+  config.mesh.data = 1  # one device unless overridden (the tests' processes have 8)
   return config

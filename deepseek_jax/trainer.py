@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from deepseek_jax import data, schedules
+from deepseek_jax import data, schedules, sharding
 from deepseek_jax.checkpoint import Checkpointer
 from deepseek_jax.config import PRESETS, ModelConfig
 from deepseek_jax.generate import generate
@@ -64,19 +64,24 @@ def train(config, workdir: str) -> TrainResult:
     raise ValueError(f'the tokenizer has {corpus.vocab_size} tokens but the model vocab_size is {cfg.vocab_size}')
   if config.seq_len > cfg.max_seq_len:
     raise ValueError(f'seq_len={config.seq_len} exceeds the model max_seq_len={cfg.max_seq_len}')
-  _check_batching(config)
+  mesh = sharding.make_mesh(**dict(config.mesh))
+  if mesh.shape['pipeline'] > 1:
+    raise ValueError('mesh.pipeline > 1: pipeline-parallel schedules are not implemented yet; use mesh.data '
+                     'and mesh.expert')
+  _check_batching(config, sharding.batch_devices(mesh))
   tx = adamw(**dict(config.optimizer))
 
   def fresh_state():
     return init_train_state(DeepSeekV3(cfg, nnx.Rngs(config.seed)), tx)
 
   graphdef, abstract_state = nnx.eval_shape(fresh_state)
+  shardings = sharding.state_shardings(abstract_state, mesh)
   checkpoints = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints)
   batches = data.BatchIterator(corpus.train, config.seq_len, config.seed)
-  restored = checkpoints.restore(abstract_state)
+  restored = checkpoints.restore(sharding.with_shardings(abstract_state, shardings))  # onto this mesh
   if restored is None:
     step, tokens_seen = 0, 0
-    state = jax.jit(lambda: fresh_state()[1])()
+    state = jax.jit(lambda: fresh_state()[1], out_shardings=shardings)()  # each device builds its shards
     logging.info('new run in %s: %s', workdir, _size(cfg))
   else:
     step, state, meta = restored
@@ -84,13 +89,16 @@ def train(config, workdir: str) -> TrainResult:
     batches.restore(meta['data'])
     logging.info('resumed from step %d (%d tokens seen) in %s', step, tokens_seen, workdir)
 
-  step_fn = jax.jit(functools.partial(train_step, graphdef, tx), donate_argnums=0)
+  step_fn = jax.jit(functools.partial(train_step, graphdef, tx), out_shardings=(shardings, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef))
+  batch_NBS = sharding.batch_sharding(mesh, 3, 1)
+  eval_BS = sharding.batch_sharding(mesh, 2, 0, config.eval_batch_size)
   val_batches = data.validation_batches(corpus.val, config.seq_len, config.eval_batch_size, config.eval_batches)
   metrics = MetricsWriter(workdir, resume_step=step)
   stop = _StopRequest()
   meta = lambda: {'step': step, 'tokens_seen': tokens_seen, 'data': batches.state()}
-  evaluate = lambda state: float(np.mean([float(eval_fn(state, jnp.asarray(b))['ce']) for b in val_batches]))
+  evaluate = lambda state: float(np.mean([float(eval_fn(state, jax.device_put(b, eval_BS))['ce'])
+                                          for b in val_batches]))
 
   pending, val_loss, streak = None, None, 0
   clock = _Clock(step, config.steps)
@@ -99,7 +107,7 @@ def train(config, workdir: str) -> TrainResult:
       hyper, n_sequences = _hyper(config, tokens_seen)
       micro = config.microbatch_size or n_sequences
       tokens = batches.next(n_sequences).reshape(n_sequences // micro, micro, config.seq_len + 1)
-      state, step_metrics = step_fn(state, jnp.asarray(tokens), hyper)
+      state, step_metrics = step_fn(state, jax.device_put(tokens, batch_NBS), hyper)
       step, tokens_seen = step + 1, tokens_seen + n_sequences * config.seq_len
       # Read the previous step's metrics only now, so the host never waits for the step it just dispatched.
       if pending is not None:
@@ -146,13 +154,16 @@ def restore_model(workdir: str) -> tuple[ModelConfig, DeepSeekV3, int]:
   return cfg, nnx.merge(graphdef, state.params, state.bias), step
 
 
-def _check_batching(config) -> None:
+def _check_batching(config, batch_devices: int) -> None:
   micro = config.microbatch_size
   sizes = [config.batch_size] + ([config.batch_ramp.start, config.batch_ramp.multiple] if config.get('batch_ramp')
                                  else [])
   if micro and any(size % micro for size in sizes):
     raise ValueError(f'microbatch_size={micro} must divide batch_size={config.batch_size} (and, with a ramp, '
                      'batch_ramp.start and batch_ramp.multiple)')
+  if any(size % batch_devices for size in ([micro] if micro else sizes)):
+    raise ValueError(f'the batch (batch_size={config.batch_size}, microbatch_size={micro}, batch_ramp) must divide '
+                     f'by the mesh\'s data x expert = {batch_devices} devices')
 
 
 def _hyper(config, tokens_seen: int) -> tuple[Hyper, int]:

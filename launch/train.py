@@ -1,6 +1,8 @@
 r"""Train a DeepSeek-V3 model (absl). Rerun the same command to resume from the newest checkpoint.
 
   python -m launch.train --config=configs/demo.py --workdir=runs/demo [--config.steps=1000 ...]
+  python -m launch.train --config=configs/tiny.py --workdir=runs/mesh --cpu_devices=8 \
+      --config.mesh.data=2 --config.mesh.expert=4     # a data x expert mesh of 8 CPU devices
 """
 
 import logging as std_logging
@@ -12,6 +14,8 @@ from deepseek_jax.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, tokenizer, sample.')
+_CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Split the host CPU into this many devices (meshes on a '
+                                    'machine without accelerators); 0 keeps the platform default.')
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -24,6 +28,9 @@ class _QuietLibraries(std_logging.Filter):
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _CPU_DEVICES.value:
+    import jax
+    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)  # before the first use of a backend
   logging.info('config:\n%s', _CONFIG.value)
   result = train(_CONFIG.value, _WORKDIR.value)
   if result.preempted:

@@ -1,0 +1,152 @@
+"""Meshes and shardings on 8 CPU devices: a training step on data / FSDP / expert meshes equals the
+single-device step, FSDP divides the parameter bytes, and a checkpoint restores onto another mesh."""
+
+import functools
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest, parameterized
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax import sharding
+from deepseek_jax.checkpoint import Checkpointer
+from deepseek_jax.config import PRESETS
+from deepseek_jax.optimizer import adamw
+from deepseek_jax.train_step import Hyper, _grads_and_terms, init_train_state, train_step
+from tests.helpers import random_model
+
+CFG = PRESETS['tiny']  # fp32; 8 experts in 4 groups, 1 dense + 2 MoE layers, one MTP module
+HYPER = Hyper(lr=jnp.float32(1e-3), gamma=jnp.float32(1e-3), mtp_lambda=jnp.float32(0.3),
+              balance_alpha=jnp.float32(1e-2))
+TX = adamw()
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def grads(graphdef, state, tokens_NBS):
+  return _grads_and_terms(graphdef, state.params, state.bias, tokens_NBS[0], HYPER)
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+class MeshTest(parameterized.TestCase):
+
+  def test_fill_and_errors(self):
+    self.assertEqual(dict(sharding.make_mesh(data=-1, expert=2).shape), {'pipeline': 1, 'data': 4, 'expert': 2})
+    self.assertEqual(dict(sharding.make_mesh(data=2, expert=-1, pipeline=2).shape),
+                     {'pipeline': 2, 'data': 2, 'expert': 2})
+    self.assertEqual(sharding.make_mesh(data=3, expert=2).devices.size, 6)  # the first 6 of 8
+    with self.assertRaisesRegex(ValueError, 'needs 12 devices, this run has 8'):
+      sharding.make_mesh(data=3, expert=4)
+    with self.assertRaisesRegex(ValueError, 'only one mesh axis'):
+      sharding.make_mesh(data=-1, expert=-1)
+    with self.assertRaisesRegex(ValueError, 'do not divide by 3'):
+      sharding.make_mesh(data=-1, expert=3)
+    with self.assertRaisesRegex(ValueError, r'mesh.expert must be'):
+      sharding.make_mesh(data=8, expert=0)
+
+  def test_logical_specs(self):
+    mesh = sharding.make_mesh(data=2, expert=4)
+    spec = lambda axes, shape: sharding.logical_spec(axes, shape, mesh)
+    self.assertEqual(spec(('layers', 'expert', 'embed', 'moe_mlp'), (2, 8, 64, 32)), P(None, 'expert', 'data', None))
+    self.assertEqual(spec(('embed', 'kv_lora'), (64, 40)), P('data', None))  # data used once per array
+    self.assertEqual(spec(('kv_lora', 'heads'), (32, 128)), P('data', None))
+    self.assertEqual(spec(('embed',), (63,)), P(None))  # does not divide: stays whole
+    self.assertEqual(spec(('layers', 'router'), (2, 8)), P(None, None))
+
+
+class ShardedTrainStepTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    graphdef, state = init_train_state(random_model(CFG, seed=7), TX)
+    cls.graphdef, cls.state = graphdef, state
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CFG.vocab_size, (1, 8, 17))
+    tokens[0, :, 5] = 3  # a repeated token: some experts get crowded
+    cls.tokens = jnp.asarray(tokens, jnp.int32)
+    cls.want_grads, cls.want_terms = grads(graphdef, state, cls.tokens)
+    cls.want_state, cls.want_metrics = jax.jit(functools.partial(train_step, graphdef, TX))(state, cls.tokens, HYPER)
+
+  @parameterized.parameters((8, 1), (2, 4), (1, 8))
+  def test_equals_single_device(self, data, expert):
+    mesh = sharding.make_mesh(data=data, expert=expert)
+    shardings = sharding.state_shardings(self.state, mesh)
+    state = jax.device_put(self.state, shardings)
+    tokens = jax.device_put(self.tokens, sharding.batch_sharding(mesh, 3, 1))
+    got_grads, terms = grads(self.graphdef, state, tokens)
+    # fp32, relative 1e-5: the loss, each parameter's gradient, and the expert counts exactly.
+    self.assertLessEqual(rel(terms.total, self.want_terms.total), 1e-5)
+    worst = max(jax.tree.leaves(jax.tree.map(rel, got_grads, self.want_grads)))
+    self.assertLessEqual(worst, 1e-5)
+    np.testing.assert_array_equal(terms.expert_counts_LE, self.want_terms.expert_counts_LE)
+    # The whole step (AdamW, router-bias update) with the state kept in its shardings.
+    step = jax.jit(functools.partial(train_step, self.graphdef, TX), out_shardings=(shardings, None))
+    new_state, metrics = step(state, tokens, HYPER)
+    self.assertLessEqual(rel(metrics['loss'], self.want_metrics['loss']), 1e-5)
+    self.assertLessEqual(rel(metrics['grad_norm'], self.want_metrics['grad_norm']), 1e-5)
+    for got, want in zip(jax.tree.leaves(new_state.bias), jax.tree.leaves(self.want_state.bias)):
+      np.testing.assert_array_equal(got, want)
+    expert_w1 = new_state.params['moe_layers']['ffn']['experts']['w1']
+    self.assertEqual(expert_w1.sharding.spec, P(None, 'expert' if expert > 1 else None, 'data' if data > 1 else None, None))
+
+  def test_fsdp_divides_parameter_bytes(self):
+    mesh = sharding.make_mesh(data=8)
+    params = jax.device_put(self.state.params, sharding.state_shardings(self.state.params, mesh))
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    per_device = [0] * 8
+    for array in jax.tree.leaves(params):
+      for shard in array.addressable_shards:
+        per_device[list(mesh.devices.flat).index(shard.device)] += shard.data.nbytes
+    # Everything but the router weights [dim, 8 experts] (no dimension divides) and biases is split 8 ways.
+    self.assertLess(max(per_device), 1.05 * total / 8)
+    self.assertGreater(min(per_device), 0.95 * total / 8)
+
+  def test_checkpoint_restores_onto_another_mesh(self):
+    source = sharding.make_mesh(data=8)
+    state = jax.device_put(self.state, sharding.state_shardings(self.state, source))
+    directory = tempfile.mkdtemp()
+    checkpoints = Checkpointer(directory, async_save=False)
+    checkpoints.save(3, state, {'step': 3})
+    checkpoints.close()
+    target = sharding.make_mesh(data=2, expert=4)
+    abstract = jax.eval_shape(lambda: self.state)
+    shardings = sharding.state_shardings(abstract, target)
+    step, restored, _ = Checkpointer(directory).restore(sharding.with_shardings(abstract, shardings))
+    self.assertEqual(step, 3)
+    for got, want, spec in zip(jax.tree.leaves(restored), jax.tree.leaves(self.state), jax.tree.leaves(shardings)):
+      np.testing.assert_array_equal(got, want)
+      self.assertEqual(got.sharding, spec)
+
+
+class ShardedTrainingRunTest(absltest.TestCase):
+
+  def test_mesh_run_resumed_on_one_device_matches_a_single_device_run(self):
+    from configs import tiny
+    from deepseek_jax.metrics import read_metrics
+    from deepseek_jax.trainer import train
+
+    def run(workdir, steps, **mesh):
+      config = tiny.get_config()
+      config.steps, config.checkpoint_every, config.eval_every, config.sample_tokens = steps, 3, 100, 2
+      config.mesh.update(mesh)
+      train(config, workdir)
+      return [row['loss'] for row in read_metrics(os.path.join(workdir, 'metrics.jsonl'))]
+
+    single = run(self.create_tempdir().full_path, 5)
+    workdir = self.create_tempdir().full_path
+    run(workdir, 3, data=2, expert=2)  # sharded initialisation, 3 steps, a checkpoint
+    resumed = run(workdir, 5)  # restored onto one device, 2 more steps
+    self.assertLen(resumed, 5)
+    np.testing.assert_allclose(resumed, single, rtol=1e-5)
+
+
+if __name__ == '__main__':
+  absltest.main()
