@@ -22,6 +22,7 @@ import sysconfig
 import zlib
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 EOS = '<|endoftext|>'
@@ -177,14 +178,18 @@ class BatchIterator:
     return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
   def next(self, batch_size: int) -> np.ndarray:
-    rows = []
-    while len(rows) < batch_size:
+    return np.stack([window(self.tokens, self.seq_len, i) for i in self.next_indices(batch_size)])
+
+  def next_indices(self, batch_size: int) -> np.ndarray:
+    """The window indices of the next batch (every process advances through the same order)."""
+    indices = []
+    while len(indices) < batch_size:
       if self.position == self.n:
         self.epoch, self.position = self.epoch + 1, 0
         self._order = self._permutation(self.epoch)
-      rows.append(window(self.tokens, self.seq_len, self._order[self.position]))
+      indices.append(self._order[self.position])
       self.position += 1
-    return np.stack(rows)
+    return np.asarray(indices)
 
   def state(self) -> dict[str, int]:
     return {'epoch': self.epoch, 'position': self.position}
@@ -192,6 +197,23 @@ class BatchIterator:
   def restore(self, state: Mapping[str, int]) -> None:
     self.epoch, self.position = int(state['epoch']), int(state['position'])
     self._order = self._permutation(self.epoch)
+
+
+def global_batch(tokens: np.ndarray, seq_len: int, indices: np.ndarray, sharding) -> jax.Array:
+  """Windows [*indices.shape, seq_len + 1] as one global array: each process reads only the rows of the
+  shards its own devices hold (multi-host: each host feeds its part of the batch)."""
+
+  def rows(index):
+    picked = indices[index[:indices.ndim]]
+    block = np.stack([window(tokens, seq_len, i) for i in picked.ravel()]).reshape(*picked.shape, seq_len + 1)
+    return block[(Ellipsis, index[indices.ndim])]
+
+  return jax.make_array_from_callback((*indices.shape, seq_len + 1), sharding, rows)
+
+
+def host_batch(batch: np.ndarray, sharding) -> jax.Array:
+  """A batch every process holds in full (validation), as one global array."""
+  return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
 
 
 def validation_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int) -> list[np.ndarray]:

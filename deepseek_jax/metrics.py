@@ -11,8 +11,11 @@ from absl import logging
 class MetricsWriter:
   """Appends step records; on resume, drops the records of steps after the restored checkpoint."""
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = enabled  # False: another process writes the run's metrics
+    if not enabled:
+      return
     records = read_metrics(self.path)
     kept = [r for r in records if r['step'] <= resume_step]
     if len(kept) != len(records):
@@ -27,6 +30,8 @@ class MetricsWriter:
       self._tb = None
 
   def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
     record = {'step': step, **{k: float(v) for k, v in scalars.items()}}
     self._file.write(json.dumps(record) + '\n')
     self._file.flush()
@@ -35,6 +40,8 @@ class MetricsWriter:
         self._tb.add_scalar(key, float(value), step)
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self._file.close()
     if self._tb is not None:
       self._tb.close()

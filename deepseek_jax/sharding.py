@@ -6,11 +6,12 @@ Mesh axes, outermost first:
               sharded over it, so XLA all-gathers a weight where it is used and reduce-scatters its gradient
               (ZeRO-3; optimizer moments follow their weights).
   'expert'    expert parallelism: each device holds n_routed_experts / size routed experts; everything else
-              treats it as more data parallelism, as DeepSeek-V3 runs attention data-parallel across the
-              devices its experts are spread over (spec §3.4).
+              treats it as more data parallelism (batches and FSDP shards span data x expert), as DeepSeek-V3
+              runs attention data-parallel across the devices its experts are spread over (spec §3.4).
 Every parameter carries `logical_axes` metadata (layers.normal_param); `RULES` maps each logical name to mesh
-axes. A dimension stays whole when its size does not divide by those axes' devices, or when an earlier
-dimension of the same array already uses them.
+axes. A dimension takes the longest leading run of its rule's axes whose device count divides its size and that
+no earlier dimension of the same array uses (routed-expert weights: 'expert' on the expert dimension, then
+only 'data' on the model dimension).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ MESH_AXES = ('pipeline', 'data', 'expert')
 
 RULES: Mapping[str, tuple[str, ...]] = {
     'batch': ('data', 'expert'),  # sequences over every non-pipeline device
-    'embed': ('data',),  # FSDP; the projections without a model dimension shard their low-rank one:
-    'q_lora': ('data',),
-    'kv_lora': ('data',),
+    'embed': ('data', 'expert'),  # FSDP; the projections without a model dimension shard their low-rank one:
+    'q_lora': ('data', 'expert'),
+    'kv_lora': ('data', 'expert'),
     'expert': ('expert',),
 }
 
@@ -62,11 +63,10 @@ def logical_spec(logical_axes, shape, mesh: Mesh) -> P:
   used, parts = set(), []
   for name, size in zip(logical_axes, shape):
     axes = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used)
-    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
-      parts.append(axes[0] if len(axes) == 1 else axes)
-      used.update(axes)
-    else:
-      parts.append(None)
+    while axes and size % math.prod(mesh.shape[a] for a in axes):
+      axes = axes[:-1]
+    parts.append((axes[0] if len(axes) == 1 else axes) if axes else None)
+    used.update(axes)
   return P(*parts)
 
 
@@ -78,7 +78,7 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
     if isinstance(leaf, nnx.Variable):
       axes = leaf.get_metadata().get('logical_axes')
       return leaf.replace(NamedSharding(mesh, logical_spec(axes, leaf.shape, mesh) if axes else P()))
-    return NamedSharding(mesh, P())
+    return replicated(mesh)
 
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -90,6 +90,10 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int, batch_size: int | None
   if batch_size is None or batch_size % batch_devices(mesh) == 0:
     parts[batch_dim] = tuple(a for a in RULES['batch'] if mesh.shape[a] > 1) or None
   return NamedSharding(mesh, P(*parts))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
 
 
 def batch_devices(mesh: Mesh) -> int:

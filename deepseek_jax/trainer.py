@@ -57,9 +57,11 @@ def train(config, workdir: str) -> TrainResult:
     raise ValueError('model fp8_weights holds weights as FP8 codes for inference; training needs the fp32 master '
                      "weights (set quant='fp8' for the FP8 training recipe)")
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, MODEL_FILE), 'w') as f:  # what restore_model rebuilds the model from
-    json.dump(dataclasses.asdict(cfg), f, indent=2)
-  corpus = data.prepare(config.data, os.path.join(workdir, 'data'))
+  primary = jax.process_index() == 0  # multi-host: process 0 writes the run's files, all write checkpoints
+  if primary:
+    with open(os.path.join(workdir, MODEL_FILE), 'w') as f:  # what restore_model rebuilds the model from
+      json.dump(dataclasses.asdict(cfg), f, indent=2)
+  corpus = _prepare_data(config, workdir, primary)
   if corpus.vocab_size > cfg.vocab_size:
     raise ValueError(f'the tokenizer has {corpus.vocab_size} tokens but the model vocab_size is {cfg.vocab_size}')
   if config.seq_len > cfg.max_seq_len:
@@ -89,15 +91,17 @@ def train(config, workdir: str) -> TrainResult:
     batches.restore(meta['data'])
     logging.info('resumed from step %d (%d tokens seen) in %s', step, tokens_seen, workdir)
 
-  step_fn = jax.jit(functools.partial(train_step, graphdef, tx), out_shardings=(shardings, None), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef))
+  replicated = sharding.replicated(mesh)
+  step_fn = jax.jit(functools.partial(train_step, graphdef, tx), out_shardings=(shardings, replicated),
+                    donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, graphdef), out_shardings=replicated)
   batch_NBS = sharding.batch_sharding(mesh, 3, 1)
   eval_BS = sharding.batch_sharding(mesh, 2, 0, config.eval_batch_size)
   val_batches = data.validation_batches(corpus.val, config.seq_len, config.eval_batch_size, config.eval_batches)
-  metrics = MetricsWriter(workdir, resume_step=step)
+  metrics = MetricsWriter(workdir, resume_step=step, enabled=primary)
   stop = _StopRequest()
   meta = lambda: {'step': step, 'tokens_seen': tokens_seen, 'data': batches.state()}
-  evaluate = lambda state: float(np.mean([float(eval_fn(state, jax.device_put(b, eval_BS))['ce'])
+  evaluate = lambda state: float(np.mean([float(eval_fn(state, data.host_batch(b, eval_BS))['ce'])
                                           for b in val_batches]))
 
   pending, val_loss, streak = None, None, 0
@@ -106,8 +110,9 @@ def train(config, workdir: str) -> TrainResult:
     while step < config.steps and not stop.requested:
       hyper, n_sequences = _hyper(config, tokens_seen)
       micro = config.microbatch_size or n_sequences
-      tokens = batches.next(n_sequences).reshape(n_sequences // micro, micro, config.seq_len + 1)
-      state, step_metrics = step_fn(state, jax.device_put(tokens, batch_NBS), hyper)
+      indices_NB = batches.next_indices(n_sequences).reshape(n_sequences // micro, micro)
+      state, step_metrics = step_fn(state, data.global_batch(corpus.train, config.seq_len, indices_NB, batch_NBS),
+                                    hyper)
       step, tokens_seen = step + 1, tokens_seen + n_sequences * config.seq_len
       # Read the previous step's metrics only now, so the host never waits for the step it just dispatched.
       if pending is not None:
@@ -128,11 +133,16 @@ def train(config, workdir: str) -> TrainResult:
   if stop.requested:
     logging.info('stop requested (%s): saved step %d, exiting', stop.signal, step)
     return TrainResult(step, True, val_loss, None)
+  val_loss = val_loss if val_loss is not None else evaluate(state)
+  if not primary:
+    return TrainResult(step, False, val_loss, None)
   plot_loss_curve({'': read_metrics(metrics.path)}, os.path.join(workdir, 'loss.png'))
+  if jax.process_count() > 1:  # the state spans hosts; decode it with launch/decode.py
+    return TrainResult(step, False, val_loss, None)
   sample = _sample(graphdef, state, corpus.tokenizer, config)
   with open(os.path.join(workdir, 'sample.txt'), 'w') as f:
     f.write(sample)
-  return TrainResult(step, False, val_loss if val_loss is not None else evaluate(state), sample)
+  return TrainResult(step, False, val_loss, sample)
 
 
 def restore_model(workdir: str) -> tuple[ModelConfig, DeepSeekV3, int]:
@@ -144,14 +154,27 @@ def restore_model(workdir: str) -> tuple[ModelConfig, DeepSeekV3, int]:
     cfg = ModelConfig(**json.load(f))
   graphdef, abstract = nnx.eval_shape(lambda: init_train_state(DeepSeekV3(cfg, nnx.Rngs(0)), adamw()))
   checkpoints = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  one_device = sharding.state_shardings(abstract, sharding.make_mesh(data=1))  # whatever mesh trained it
   try:
-    restored = checkpoints.restore(abstract)
+    restored = checkpoints.restore(sharding.with_shardings(abstract, one_device))
   finally:
     checkpoints.close()
   if restored is None:
     raise FileNotFoundError(f'no readable checkpoint under {os.path.join(workdir, "checkpoints")}')
   step, state, _ = restored
   return cfg, nnx.merge(graphdef, state.params, state.bias), step
+
+
+def _prepare_data(config, workdir: str, primary: bool) -> data.Corpus:
+  """The corpus; with several processes, process 0 builds it first and the others then reuse its files (or
+  build the same files on their own disks)."""
+  directory = os.path.join(workdir, 'data')
+  if jax.process_count() == 1:
+    return data.prepare(config.data, directory)
+  from jax.experimental import multihost_utils
+  corpus = data.prepare(config.data, directory) if primary else None
+  multihost_utils.sync_global_devices('data prepared')
+  return corpus or data.prepare(config.data, directory)
 
 
 def _check_batching(config, batch_devices: int) -> None:

@@ -6,6 +6,7 @@ r"""Train a DeepSeek-V3 model (absl). Rerun the same command to resume from the 
 """
 
 import logging as std_logging
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,6 +15,10 @@ from deepseek_jax.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, tokenizer, sample.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a multi-process run '
+                                   'started by hand; without it, TPU pods and SLURM jobs are detected.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (with --coordinator_address).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Split the host CPU into this many devices (meshes on a '
                                     'machine without accelerators); 0 keeps the platform default.')
 
@@ -25,19 +30,33 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+def _in_cluster() -> bool:
+  """A multi-process job jax.distributed can configure itself from the environment."""
+  env = os.environ
+  if int(env.get('SLURM_NTASKS', '1')) > 1 or int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
+    return True
+  return ',' in env.get('TPU_WORKER_HOSTNAMES', '') or 'MEGASCALE_COORDINATOR_ADDRESS' in env
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax
   if _CPU_DEVICES.value:
-    import jax
     jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)  # before the first use of a backend
+  if _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value, initialization_timeout=120)
+  elif _in_cluster():
+    jax.distributed.initialize()  # TPU pod / SLURM / Open MPI: addresses and ranks from the environment
   logging.info('config:\n%s', _CONFIG.value)
   result = train(_CONFIG.value, _WORKDIR.value)
   if result.preempted:
     print(f'stopped at step {result.step} on request; rerun the same command to resume')
     return
   print(f'step {result.step}: validation loss {result.val_loss:.4f} nats/token')
-  print('sample:\n' + result.sample)
+  if result.sample is not None:
+    print('sample:\n' + result.sample)
 
 
 if __name__ == '__main__':

@@ -3,6 +3,9 @@ single-device step, FSDP divides the parameter bytes, and a checkpoint restores 
 
 import functools
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -19,6 +22,7 @@ from deepseek_jax.optimizer import adamw
 from deepseek_jax.train_step import Hyper, _grads_and_terms, init_train_state, train_step
 from tests.helpers import random_model
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = PRESETS['tiny']  # fp32; 8 experts in 4 groups, 1 dense + 2 MoE layers, one MTP module
 HYPER = Hyper(lr=jnp.float32(1e-3), gamma=jnp.float32(1e-3), mtp_lambda=jnp.float32(0.3),
               balance_alpha=jnp.float32(1e-2))
@@ -55,8 +59,9 @@ class MeshTest(parameterized.TestCase):
     mesh = sharding.make_mesh(data=2, expert=4)
     spec = lambda axes, shape: sharding.logical_spec(axes, shape, mesh)
     self.assertEqual(spec(('layers', 'expert', 'embed', 'moe_mlp'), (2, 8, 64, 32)), P(None, 'expert', 'data', None))
-    self.assertEqual(spec(('embed', 'kv_lora'), (64, 40)), P('data', None))  # data used once per array
-    self.assertEqual(spec(('kv_lora', 'heads'), (32, 128)), P('data', None))
+    self.assertEqual(spec(('embed', 'kv_lora'), (64, 40)), P(('data', 'expert'), None))  # axes used once
+    self.assertEqual(spec(('kv_lora', 'heads'), (32, 128)), P(('data', 'expert'), None))
+    self.assertEqual(spec(('embed',), (6,)), P('data'))  # 2 divides 6, 2 x 4 does not
     self.assertEqual(spec(('embed',), (63,)), P(None))  # does not divide: stays whole
     self.assertEqual(spec(('layers', 'router'), (2, 8)), P(None, None))
 
@@ -97,15 +102,17 @@ class ShardedTrainStepTest(parameterized.TestCase):
     expert_w1 = new_state.params['moe_layers']['ffn']['experts']['w1']
     self.assertEqual(expert_w1.sharding.spec, P(None, 'expert' if expert > 1 else None, 'data' if data > 1 else None, None))
 
-  def test_fsdp_divides_parameter_bytes(self):
-    mesh = sharding.make_mesh(data=8)
+  @parameterized.parameters((8, 1), (2, 4))
+  def test_fsdp_divides_parameter_bytes(self, data, expert):
+    mesh = sharding.make_mesh(data=data, expert=expert)
     params = jax.device_put(self.state.params, sharding.state_shardings(self.state.params, mesh))
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     per_device = [0] * 8
     for array in jax.tree.leaves(params):
       for shard in array.addressable_shards:
         per_device[list(mesh.devices.flat).index(shard.device)] += shard.data.nbytes
-    # Everything but the router weights [dim, 8 experts] (no dimension divides) and biases is split 8 ways.
+    # Each array is split 8 ways (experts over 'expert', model dimensions over the rest), but the router
+    # biases and the few dimensions that do not divide.
     self.assertLess(max(per_device), 1.05 * total / 8)
     self.assertGreater(min(per_device), 0.95 * total / 8)
 
@@ -126,26 +133,56 @@ class ShardedTrainStepTest(parameterized.TestCase):
       self.assertEqual(got.sharding, spec)
 
 
+def tiny_run(workdir, steps, batch_size=4, **mesh):
+  """Trains the tiny config in this process (8 devices) and returns its per-step losses."""
+  from configs import tiny
+  from deepseek_jax.metrics import read_metrics
+  from deepseek_jax.trainer import train
+  config = tiny.get_config()
+  config.steps, config.batch_size, config.checkpoint_every, config.eval_every = steps, batch_size, 3, 100
+  config.sample_tokens = 2
+  config.mesh.update(mesh)
+  train(config, workdir)
+  return [row['loss'] for row in read_metrics(os.path.join(workdir, 'metrics.jsonl'))]
+
+
 class ShardedTrainingRunTest(absltest.TestCase):
 
   def test_mesh_run_resumed_on_one_device_matches_a_single_device_run(self):
-    from configs import tiny
-    from deepseek_jax.metrics import read_metrics
-    from deepseek_jax.trainer import train
-
-    def run(workdir, steps, **mesh):
-      config = tiny.get_config()
-      config.steps, config.checkpoint_every, config.eval_every, config.sample_tokens = steps, 3, 100, 2
-      config.mesh.update(mesh)
-      train(config, workdir)
-      return [row['loss'] for row in read_metrics(os.path.join(workdir, 'metrics.jsonl'))]
-
-    single = run(self.create_tempdir().full_path, 5)
+    single = tiny_run(self.create_tempdir().full_path, 5)
     workdir = self.create_tempdir().full_path
-    run(workdir, 3, data=2, expert=2)  # sharded initialisation, 3 steps, a checkpoint
-    resumed = run(workdir, 5)  # restored onto one device, 2 more steps
+    tiny_run(workdir, 3, data=2, expert=2)  # sharded initialisation, 3 steps, a checkpoint
+    resumed = tiny_run(workdir, 5)  # restored onto one device, 2 more steps
     self.assertLen(resumed, 5)
     np.testing.assert_allclose(resumed, single, rtol=1e-5)
+
+  def test_two_processes_of_four_devices_match_one_process_of_eight(self):
+    mesh_flags = ['--config.mesh.data=2', '--config.mesh.expert=4', '--config.batch_size=8', '--config.steps=3',
+                  '--config.checkpoint_every=3', '--config.eval_every=100', '--config.sample_tokens=2']
+    workdir = self.create_tempdir().full_path
+    with socket.socket() as s:  # a free loopback port
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    processes = [subprocess.Popen(
+        [sys.executable, '-m', 'launch.train', '--config=configs/tiny.py', f'--workdir={workdir}', '--cpu_devices=4',
+         f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}', *mesh_flags],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=420)[0] for p in processes]
+    finally:
+      for p in processes:
+        p.kill()
+    for p, out in zip(processes, outputs):
+      self.assertEqual(p.returncode, 0, out[-3000:])
+    from deepseek_jax.metrics import read_metrics
+    two = [row['loss'] for row in read_metrics(os.path.join(workdir, 'metrics.jsonl'))]
+    one = tiny_run(self.create_tempdir().full_path, 3, batch_size=8, data=2, expert=4)
+    self.assertLen(two, 3)
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+    from deepseek_jax.trainer import restore_model
+    _, model, step = restore_model(workdir)  # the checkpoint both processes wrote, onto one device to decode
+    self.assertEqual(step, 3)
+    self.assertEqual(model.head.kernel[...].sharding.device_set, {jax.devices()[0]})
 
 
 if __name__ == '__main__':
