@@ -74,6 +74,15 @@ def main(argv):
     rows.append(f'| {data} x {expert} | {mesh.devices.size} | {seconds * 1e3:,.0f} | {seconds / base:.2f}x | '
                 f'{max(held) / 2**20:.1f} | {max(held) / total:.3f} | {temp / 2**20:.0f} | '
                 f'{float(metrics["loss"]):.5f} |')
+  from deepseek_jax import pipeline_schedules as ps
+  bubble_rows = []
+  for stages, micro in ((4, 8), (8, 32), (16, 64)):
+    cells = []
+    for schedule in (ps.gpipe, ps.one_f_one_b):
+      table = ps.timetable(schedule(stages, micro))
+      cells += [f'{ps.bubble_fraction(table):.3f}', f'{ps.bubble_fraction(table, {"F": 1.0, "B": 2.0}):.3f}',
+                f'{max(ps.peak_activations(table))}']
+    bubble_rows.append(f'| {stages} | {micro} | {(stages - 1) / (micro + stages - 1):.3f} | ' + ' | '.join(cells) + ' |')
   text = '\n'.join([
       f'Command: `python bench/scaling.py --steps={_STEPS.value} --batch_size={_BATCH.value}` (one process, the '
       f'2-core CPU split into 8 devices, jax {jax.__version__}). The demo model (fp32 master weights, bf16 AdamW '
@@ -91,8 +100,17 @@ def main(argv):
       '(collectives and smaller per-device kernels), and the memory columns show FSDP and expert sharding '
       'dividing the state. The expert meshes cost the most: XLA\'s SPMD partitioner places the MoE '
       'dispatch itself and reports replicating some of its tensors ("involuntary full rematerialization"), '
-      'which an explicit expert-parallel dispatch under shard_map is to remove. Pipeline schedules and their '
-      'bubble fractions are not built yet.',
+      'which an explicit expert-parallel dispatch under shard_map is to remove.',
+      '',
+      'Pipeline bubbles from the timetables of `deepseek_jax/pipeline_schedules.py` (lockstep ticks; the '
+      'execution engine is not built yet): bubble with F = B, with B = 2F (a tick lasts as long as its slowest '
+      'op), and the most microbatches whose activations a stage holds. (P - 1) / (M + P - 1) is the published '
+      '1F1B / GPipe bubble; DualPipe is to follow.',
+      '',
+      '| stages P | microbatches M | formula | GPipe F=B | GPipe B=2F | GPipe peak | 1F1B F=B | 1F1B B=2F | '
+      '1F1B peak |',
+      '|---|---|---|---|---|---|---|---|---|',
+      *bubble_rows,
   ])
   print(text)
   replace_section('Scaling (CPU meshes)', text)
