@@ -44,15 +44,8 @@ def random_checkpoint(path):
   from configs import demo
   from deepseek_jax.trainer import model_config
   c = model_config(demo.get_config())
-  config = transformers.DeepseekV3Config(
-      vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.inter_dim, moe_intermediate_size=c.moe_inter_dim,
-      num_hidden_layers=c.n_layers, first_k_dense_replace=c.n_dense_layers, num_attention_heads=c.n_heads,
-      num_key_value_heads=c.n_heads, n_routed_experts=c.n_routed_experts, n_shared_experts=c.n_shared_experts,
-      num_experts_per_tok=c.n_activated_experts, n_group=c.n_expert_groups, topk_group=c.n_limited_groups,
-      routed_scaling_factor=c.route_scale, q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
-      qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
-      max_position_embeddings=c.max_seq_len, num_nextn_predict_layers=0, eos_token_id=None, bos_token_id=None,
-      pad_token_id=None)
+  config = transformers.DeepseekV3Config(**c.replace(n_mtp_layers=0).to_hf(), eos_token_id=None, bos_token_id=None,
+                                         pad_token_id=None)  # no stop token: every run generates all new tokens
   torch.manual_seed(0)
   model = transformers.DeepseekV3ForCausalLM(config).eval()
   model.save_pretrained(path)

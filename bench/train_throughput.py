@@ -60,15 +60,7 @@ def ours(cfg, tokens, steps):
 def hf(cfg, tokens, steps):
   import torch
   import transformers
-  hf_config = transformers.DeepseekV3Config(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.inter_dim,
-      moe_intermediate_size=cfg.moe_inter_dim, num_hidden_layers=cfg.n_layers,
-      first_k_dense_replace=cfg.n_dense_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-      n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
-      num_experts_per_tok=cfg.n_activated_experts, n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,
-      routed_scaling_factor=cfg.route_scale, q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
-      qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-      max_position_embeddings=cfg.max_seq_len, num_nextn_predict_layers=0)
+  hf_config = transformers.DeepseekV3Config(**cfg.replace(n_mtp_layers=0).to_hf())  # transformers has no MTP
   torch.manual_seed(0)
   model = transformers.DeepseekV3ForCausalLM(hf_config).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)

@@ -9,6 +9,7 @@ Identical blocks are stored stacked — every Variable gains a leading 'layers' 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -59,6 +60,20 @@ def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx
   for _, variable in nnx.to_flat_state(state):
     variable.set_metadata('logical_axes', ('layers',) + tuple(variable.get_metadata('logical_axes')))
   return nnx.merge(graphdef, state)
+
+
+def unstack_blocks(blocks: nnx.Module | None) -> nnx.List | None:
+  """The inverse of `stack`: one Block per layer, holding copies of its slice of the stacked weights."""
+  if blocks is None:
+    return None
+  graphdef, state = nnx.split(blocks)
+  return nnx.List([nnx.merge(graphdef, layer) for layer in _layer_slices(state, jax.tree.leaves(state)[0].shape[0])])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _layer_slices(state, n: int):
+  """The n per-layer slices of stacked arrays, in one compiled call (eager slicing costs ~15 ms per model)."""
+  return tuple(jax.tree.map(lambda a: a[i], state) for i in range(n))
 
 
 def scan_blocks(blocks: nnx.Module, x_BTD, positions_BT, remat: bool = False, unroll: bool = False):

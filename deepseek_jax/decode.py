@@ -14,14 +14,12 @@ layer's weights and cache at every step.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.block import Block, scan_blocks_cached
+from deepseek_jax.block import Block, scan_blocks_cached, unstack_blocks
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import DeepSeekV3
 from pallas_kernels.common import round_up
@@ -90,25 +88,12 @@ class Unstacked(nnx.Module):
   def __init__(self, model: DeepSeekV3):
     self.cfg = model.cfg
     self.embed, self.norm, self.head, self.mtp = model.embed, model.norm, model.head, model.mtp
-    self.dense_layers, self.moe_layers = _layer_list(model.dense_layers), _layer_list(model.moe_layers)
+    self.dense_layers, self.moe_layers = unstack_blocks(model.dense_layers), unstack_blocks(model.moe_layers)
 
 
 def unstack(model: DeepSeekV3) -> DeepSeekV3 | Unstacked:
   """The model to decode with: per-layer weights for an unrolled model (see the module note), else itself."""
   return model if model.cfg.scan_layers else Unstacked(model)
-
-
-def _layer_list(blocks):
-  if blocks is None:
-    return None
-  graphdef, state = nnx.split(blocks)
-  return nnx.List([nnx.merge(graphdef, layer) for layer in _slices(state, jax.tree.leaves(state)[0].shape[0])])
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _slices(state, n: int):
-  """The n per-layer slices of stacked arrays, in one compiled call (eager slicing costs ~15 ms per model)."""
-  return tuple(jax.tree.map(lambda a: a[i], state) for i in range(n))
 
 
 def _run(model: DeepSeekV3 | Unstacked, tokens_BT, positions_BT, cache, method: str):
@@ -120,7 +105,7 @@ def _run(model: DeepSeekV3 | Unstacked, tokens_BT, positions_BT, cache, method: 
     if isinstance(cache[name], dict):  # stacked
       x_BTD, cache[name] = scan_blocks_cached(blocks, x_BTD, positions_BT, cache[name], method)
       continue
-    layers = _layer_list(blocks) if isinstance(blocks, Block) else blocks
+    layers = unstack_blocks(blocks) if isinstance(blocks, Block) else blocks
     cache[name] = list(cache[name])
     for i, block in enumerate(layers):
       x_BTD, cache[name][i] = getattr(block, method)(x_BTD, positions_BT, cache[name][i])
