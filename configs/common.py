@@ -20,6 +20,9 @@ def base_config(model: str, steps: int, batch_size: int, seq_len: int, peak_lr: 
   config.microbatch_size = 0  # 0: the whole batch at once; else gradients accumulate over microbatches
   # Device mesh (deepseek_jax/sharding.py): -1 fills the devices. Batches split over data x expert.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, pipeline=1))
+  # With mesh.pipeline > 1 the microbatches run through a pipeline schedule: '1f1b', 'dualpipev' (2 chunks
+  # per stage in a V; needs 2 x pipeline microbatches) or 'gpipe' (deepseek_jax/pipeline_schedules.py).
+  config.pipeline_schedule = '1f1b'
   config.seq_len = seq_len
   total_tokens = steps * batch_size * seq_len
   config.lr = schedules.paper_lr(total_tokens, peak_lr, warmup_tokens)

@@ -55,6 +55,8 @@ class Dispatch(NamedTuple):
 
 
 def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
+  """Expert ids >= n_experts mark copies computed elsewhere (expert parallelism): they get no row, and
+  `combine` must be given a zero gate weight for them."""
   x, k = experts_XK.shape
   m = x * k
   impl = resolve(impl, m, n_experts)
@@ -73,9 +75,11 @@ def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
   start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
   padded_start_E = (jnp.cumsum(tiles_E) - tiles_E) * tile
   sorted_expert_M = flat_M[order_M]
-  sorted_slot_M = rank_M - start_E[sorted_expert_M] + padded_start_E[sorted_expert_M]
   n_tiles = -(-m // tile) + n_experts  # static bound: sum_e ceil(size_e / tile) <= ceil(M / tile) + E
-  source_U = jnp.full((n_tiles * tile,), x, jnp.int32).at[sorted_slot_M].set((order_M // k).astype(jnp.int32))
+  sorted_slot_M = jnp.where(sorted_expert_M < n_experts,  # copies for other devices' experts: out of range
+                            rank_M - start_E[sorted_expert_M] + padded_start_E[sorted_expert_M], n_tiles * tile)
+  source_U = jnp.full((n_tiles * tile,), x, jnp.int32).at[sorted_slot_M].set((order_M // k).astype(jnp.int32),
+                                                                              mode='drop')
   slot_M = jnp.zeros_like(rank_M).at[order_M].set(sorted_slot_M)
   # Tiles past the last expert hold zero rows; they borrow the last expert's weight and are never read.
   tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(tiles_E), jnp.arange(n_tiles), side='right'),
@@ -105,7 +109,7 @@ def matmul(d: Dispatch, rows_UP, w_EPO, recipe=None):
 def combine(d: Dispatch, rows_UD, weights_XK):
   """sum_k weights[x, k] * output row of copy (x, k)."""
   x, k = weights_XK.shape
-  outputs_XKD = rows_UD[d.slot_M].reshape(x, k, -1)
+  outputs_XKD = rows_UD.at[d.slot_M].get(mode='fill', fill_value=0).reshape(x, k, -1)  # copies sent elsewhere: 0
   return jnp.einsum('xkd,xk->xd', outputs_XKD, weights_XK.astype(rows_UD.dtype))
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.model import DeepSeekV3, positions
 from deepseek_jax.moe import MoEStats
 
 
@@ -44,24 +44,29 @@ def balance_loss(stats: MoEStats):
 def loss_fn(model: DeepSeekV3, tokens_BS, *, mtp_lambda=0.3, balance_alpha=1e-4) -> LossTerms:
   """The DeepSeek-V3 pre-training loss on packed sequences [B, T + 1] (paper defaults lambda 0.3, alpha 1e-4)."""
   inputs_BT, targets_BT = tokens_BS[:, :-1], tokens_BS[:, 1:]
-  out = model.forward(inputs_BT)
-  ce = cross_entropy(out.logits_BTW, targets_BT)
-  stats = [out.moe_stats] if out.moe_stats is not None else []
-  mtp = jnp.zeros((), jnp.float32)
-  if len(model.mtp):
-    mtp_out = model.mtp_forward(inputs_BT, out.hidden_BTD)
-    t = inputs_BT.shape[1]
-    per_depth = []
-    for k, logits_BTW in enumerate(mtp_out.logits_DBTW, start=1):
-      shifted_BT = jnp.pad(targets_BT[:, k:], ((0, 0), (0, k)))
-      valid_BT = jnp.broadcast_to(jnp.arange(t) < t - k, targets_BT.shape)
-      per_depth.append(cross_entropy(logits_BTW, shifted_BT, valid_BT))
-    mtp = mtp_lambda * jnp.mean(jnp.stack(per_depth))
-    if mtp_out.moe_stats is not None:
-      stats.append(mtp_out.moe_stats)
+  positions_BT = positions(inputs_BT)
+  x_BTD, stats = model.moe_blocks(model.stem(inputs_BT, positions_BT), positions_BT)
+  ce, mtp, mtp_stats = output_terms(model, inputs_BT, targets_BT, model.norm(x_BTD), mtp_lambda)
+  stats = [s for s in (stats, mtp_stats) if s is not None]
   if stats:
     merged = jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats)
     balance, counts = balance_alpha * balance_loss(merged), merged.counts_E
   else:
     balance, counts = jnp.zeros((), jnp.float32), None
   return LossTerms(ce + mtp + balance, ce, mtp, balance, counts)
+
+
+def output_terms(model: DeepSeekV3, inputs_BT, targets_BT, hidden_BTD, mtp_lambda):
+  """(next-token CE, lambda x MTP CE, the MTP blocks' MoE stats or None) from the final-normed hidden state:
+  the loss on top of the trunk (pipeline.py runs it on the last chunk)."""
+  ce = cross_entropy(model.head(hidden_BTD), targets_BT)
+  if not len(model.mtp):
+    return ce, jnp.zeros((), jnp.float32), None
+  mtp_out = model.mtp_forward(inputs_BT, hidden_BTD)
+  t = inputs_BT.shape[1]
+  per_depth = []
+  for k, logits_BTW in enumerate(mtp_out.logits_DBTW, start=1):
+    shifted_BT = jnp.pad(targets_BT[:, k:], ((0, 0), (0, k)))
+    valid_BT = jnp.broadcast_to(jnp.arange(t) < t - k, targets_BT.shape)
+    per_depth.append(cross_entropy(logits_BTW, shifted_BT, valid_BT))
+  return ce, mtp_lambda * jnp.mean(jnp.stack(per_depth)), mtp_out.moe_stats

@@ -57,17 +57,23 @@ class DeepSeekV3(nnx.Module):
     return self.forward(tokens_BT).logits_BTW
 
   def forward(self, tokens_BT) -> ModelOutput:
-    hidden_BTD, stats = self.trunk(self.embed(tokens_BT), _positions(tokens_BT))
+    positions_BT = positions(tokens_BT)
+    x_BTD, stats = self.moe_blocks(self.stem(tokens_BT, positions_BT), positions_BT)
+    hidden_BTD = self.norm(x_BTD)
     return ModelOutput(self.head(hidden_BTD), hidden_BTD, stats)
 
-  def trunk(self, x_BTD, positions_BT) -> tuple[jax.Array, MoEStats | None]:
-    """Embeddings -> every block -> final norm: the hidden state the head reads."""
+  def stem(self, tokens_BT, positions_BT) -> jax.Array:
+    """The embedding and the dense blocks (what the first pipeline chunk runs before its MoE blocks)."""
+    x_BTD = self.embed(tokens_BT)
     if self.dense_layers is not None:
       x_BTD, _ = scan_blocks(self.dense_layers, x_BTD, positions_BT, self.cfg.remat, not self.cfg.scan_layers)
-    stats = None
-    if self.moe_layers is not None:
-      x_BTD, stats = scan_blocks(self.moe_layers, x_BTD, positions_BT, self.cfg.remat, not self.cfg.scan_layers)
-    return self.norm(x_BTD), stats
+    return x_BTD
+
+  def moe_blocks(self, x_BTD, positions_BT) -> tuple[jax.Array, MoEStats | None]:
+    """The MoE blocks in order (a pipeline chunk holds a slice of them); the final norm is left to the caller."""
+    if self.moe_layers is None:
+      return x_BTD, None
+    return scan_blocks(self.moe_layers, x_BTD, positions_BT, self.cfg.remat, not self.cfg.scan_layers)
 
   def mtp_forward(self, tokens_BT, hidden_BTD) -> MTPOutput:
     """Logits of every MTP depth, given the input tokens and `forward(tokens_BT).hidden_BTD`.
@@ -77,7 +83,7 @@ class DeepSeekV3(nnx.Module):
     """
     if not len(self.mtp):
       raise ValueError('mtp_forward: this model has n_mtp_layers == 0')
-    positions_BT = _positions(tokens_BT)
+    positions_BT = positions(tokens_BT)
     h_BTD, logits, stats = hidden_BTD, [], []
     for k, module in enumerate(self.mtp, start=1):
       shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, k)))
@@ -88,5 +94,5 @@ class DeepSeekV3(nnx.Module):
     return MTPOutput(jnp.stack(logits), stacked)
 
 
-def _positions(tokens_BT):
+def positions(tokens_BT):
   return jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32), tokens_BT.shape)

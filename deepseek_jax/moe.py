@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax import expert_parallel
 from deepseek_jax import grouped_matmul as gm
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.layers import MLP, dequantize_weight, fp8_recipe, fp8_weight, normal_param
@@ -64,9 +65,16 @@ class RoutedExperts(nnx.Module):
     return out
 
   def __call__(self, x_XD, experts_XK, weights_XK):
-    dispatch = gm.plan(experts_XK, self.shapes[0][1][0], self.gmm_impl)
+    weights = self.weights()
+    mesh = expert_parallel.expert_mesh(x_XD.shape[0])
+    if mesh is not None:  # experts spread over the mesh's 'expert' axis
+      return expert_parallel.routed(self._apply, mesh, x_XD, experts_XK, weights_XK, weights)
+    return self._apply(x_XD, experts_XK, weights_XK, weights, self.shapes[0][1][0])
+
+  def _apply(self, x_XD, experts_XK, weights_XK, weights, n_experts: int):
+    dispatch = gm.plan(experts_XK, n_experts, self.gmm_impl)
     rows_UD = gm.gather(dispatch, x_XD.astype(self.dtype))
-    w1, w2, w3 = self.weights()
+    w1, w2, w3 = weights
     matmul = functools.partial(gm.matmul, dispatch, recipe=self.recipe)
     h_UI = jax.nn.silu(matmul(rows_UD, w1)) * matmul(rows_UD, w3)
     return gm.combine(dispatch, matmul(h_UI, w2), weights_XK)

@@ -1,7 +1,7 @@
 """Device meshes and shardings: one table maps every parameter's logical axes onto mesh axes.
 
 Mesh axes, outermost first:
-  'pipeline'  pipeline stages.
+  'pipeline'  pipeline stages: stacked layers split over it; the step runs a pipeline schedule (pipeline.py).
   'data'      data parallelism and FSDP: batches split over it, and every weight's model dimension ('embed')
               sharded over it, so XLA all-gathers a weight where it is used and reduce-scatters its gradient
               (ZeRO-3; optimizer moments follow their weights).
@@ -32,6 +32,7 @@ RULES: Mapping[str, tuple[str, ...]] = {
     'q_lora': ('data', 'expert'),
     'kv_lora': ('data', 'expert'),
     'expert': ('expert',),
+    'layers': ('pipeline',),  # stacked blocks: each pipeline stage stores its own (pipeline.py)
 }
 
 

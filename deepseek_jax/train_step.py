@@ -18,6 +18,7 @@ from flax import nnx
 
 from deepseek_jax.loss import loss_fn
 from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.pipeline import pipeline_grads
 from deepseek_jax.router import RouterBias
 
 
@@ -69,11 +70,14 @@ def _grads_and_terms(graphdef, params, bias, tokens_BS, hyper: Hyper):
 
 
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState, tokens_NBS,
-               hyper: Hyper) -> tuple[TrainState, dict]:
-  """tokens_NBS: the global batch as N microbatches [N, B, S]; gradients and counts accumulate over them."""
+               hyper: Hyper, pipeline: tuple | None = None) -> tuple[TrainState, dict]:
+  """tokens_NBS: the global batch as N microbatches [N, B, S]; gradients and counts accumulate over them.
+  pipeline: (mesh, schedule name) to pipeline the microbatches over the mesh's 'pipeline' axis."""
   n_micro = tokens_NBS.shape[0]
   grads_and_terms = lambda tokens_BS: _grads_and_terms(graphdef, state.params, state.bias, tokens_BS, hyper)
-  if n_micro == 1:
+  if pipeline is not None:
+    grads, terms = pipeline_grads(graphdef, state.params, state.bias, tokens_NBS, hyper, *pipeline)
+  elif n_micro == 1:
     grads, terms = grads_and_terms(tokens_NBS[0])
   else:
     def accumulate(carry, tokens_BS):

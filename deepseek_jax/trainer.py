@@ -56,6 +56,7 @@ def train(config, workdir: str) -> TrainResult:
   if cfg.fp8_weights:
     raise ValueError('model fp8_weights holds weights as FP8 codes for inference; training needs the fp32 master '
                      "weights (set quant='fp8' for the FP8 training recipe)")
+  workdir = os.path.abspath(workdir)  # orbax writes sharded arrays to absolute paths only
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0  # multi-host: process 0 writes the run's files, all write checkpoints
   if primary:
@@ -67,10 +68,14 @@ def train(config, workdir: str) -> TrainResult:
   if config.seq_len > cfg.max_seq_len:
     raise ValueError(f'seq_len={config.seq_len} exceeds the model max_seq_len={cfg.max_seq_len}')
   mesh = sharding.make_mesh(**dict(config.mesh))
-  if mesh.shape['pipeline'] > 1:
-    raise ValueError('mesh.pipeline > 1: pipeline-parallel schedules are not implemented yet; use mesh.data '
-                     'and mesh.expert')
   _check_batching(config, sharding.batch_devices(mesh))
+  pipeline = None
+  if mesh.shape['pipeline'] > 1:
+    pipeline = (mesh, config.pipeline_schedule)
+    n_micro = config.batch_size // (config.microbatch_size or config.batch_size)
+    if n_micro < mesh.shape['pipeline']:
+      logging.warning('%d microbatch(es) through %d pipeline stages: mostly bubble; set microbatch_size to '
+                      'batch_size / (a few x mesh.pipeline)', n_micro, mesh.shape['pipeline'])
   tx = adamw(**dict(config.optimizer))
 
   def fresh_state():
@@ -92,8 +97,8 @@ def train(config, workdir: str) -> TrainResult:
     logging.info('resumed from step %d (%d tokens seen) in %s', step, tokens_seen, workdir)
 
   replicated = sharding.replicated(mesh)
-  step_fn = jax.jit(functools.partial(train_step, graphdef, tx), out_shardings=(shardings, replicated),
-                    donate_argnums=0)
+  step_fn = jax.jit(functools.partial(train_step, graphdef, tx, pipeline=pipeline),
+                    out_shardings=(shardings, replicated), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef), out_shardings=replicated)
   batch_NBS = sharding.batch_sharding(mesh, 3, 1)
   eval_BS = sharding.batch_sharding(mesh, 2, 0, config.eval_batch_size)
@@ -104,32 +109,34 @@ def train(config, workdir: str) -> TrainResult:
   evaluate = lambda state: float(np.mean([float(eval_fn(state, data.host_batch(b, eval_BS))['ce'])
                                           for b in val_batches]))
 
-  pending, val_loss, streak = None, None, 0
-  clock = _Clock(step, config.steps)
-  try:
-    while step < config.steps and not stop.requested:
-      hyper, n_sequences = _hyper(config, tokens_seen)
-      micro = config.microbatch_size or n_sequences
-      indices_NB = batches.next_indices(n_sequences).reshape(n_sequences // micro, micro)
-      state, step_metrics = step_fn(state, data.global_batch(corpus.train, config.seq_len, indices_NB, batch_NBS),
-                                    hyper)
-      step, tokens_seen = step + 1, tokens_seen + n_sequences * config.seq_len
-      # Read the previous step's metrics only now, so the host never waits for the step it just dispatched.
+  # Traced under the mesh: the MoE layers see its 'expert' axis and dispatch over it (expert_parallel.py).
+  with jax.set_mesh(mesh):
+    pending, val_loss, streak = None, None, 0
+    clock = _Clock(step, config.steps)
+    try:
+      while step < config.steps and not stop.requested:
+        hyper, n_sequences = _hyper(config, tokens_seen)
+        micro = config.microbatch_size or n_sequences
+        indices_NB = batches.next_indices(n_sequences).reshape(n_sequences // micro, micro)
+        state, step_metrics = step_fn(state, data.global_batch(corpus.train, config.seq_len, indices_NB, batch_NBS),
+                                      hyper)
+        step, tokens_seen = step + 1, tokens_seen + n_sequences * config.seq_len
+        # Read the previous step's metrics only now, so the host never waits for the step it just dispatched.
+        if pending is not None:
+          streak = _record(metrics, clock, config, *pending, streak)
+        val_loss = evaluate(state) if step % config.eval_every == 0 or step == config.steps else None
+        pending = (step, step_metrics, hyper.lr, n_sequences * config.seq_len, val_loss)
+        if step % config.checkpoint_every == 0:
+          checkpoints.save(step, state, meta())
       if pending is not None:
-        streak = _record(metrics, clock, config, *pending, streak)
-      val_loss = evaluate(state) if step % config.eval_every == 0 or step == config.steps else None
-      pending = (step, step_metrics, hyper.lr, n_sequences * config.seq_len, val_loss)
-      if step % config.checkpoint_every == 0:
+        _record(metrics, clock, config, *pending, streak)
+      if checkpoints.manager.latest_step() != step:
         checkpoints.save(step, state, meta())
-    if pending is not None:
-      _record(metrics, clock, config, *pending, streak)
-    if checkpoints.manager.latest_step() != step:
-      checkpoints.save(step, state, meta())
-    checkpoints.wait()
-  finally:
-    checkpoints.close()
-    metrics.close()
-    stop.release()
+      checkpoints.wait()
+    finally:
+      checkpoints.close()
+      metrics.close()
+      stop.release()
   if stop.requested:
     logging.info('stop requested (%s): saved step %d, exiting', stop.signal, step)
     return TrainResult(step, True, val_loss, None)

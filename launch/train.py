@@ -3,6 +3,8 @@ r"""Train a DeepSeek-V3 model (absl). Rerun the same command to resume from the 
   python -m launch.train --config=configs/demo.py --workdir=runs/demo [--config.steps=1000 ...]
   python -m launch.train --config=configs/tiny.py --workdir=runs/mesh --cpu_devices=8 \
       --config.mesh.data=2 --config.mesh.expert=4     # a data x expert mesh of 8 CPU devices
+  python -m launch.train --config=configs/tiny.py --config.mesh.data=2 --config.mesh.expert=2 \
+      --config.mesh.pipeline=2    # data x expert x 1F1B pipeline; the CPU splits into the 8 devices it needs
 """
 
 import logging as std_logging
@@ -14,13 +16,14 @@ from ml_collections import config_flags
 from deepseek_jax.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, tokenizer, sample.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics, tokenizer, sample '
+                               '(default runs/<config file name>).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a multi-process run '
                                    'started by hand; without it, TPU pods and SLURM jobs are detected.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (with --coordinator_address).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Split the host CPU into this many devices (meshes on a '
-                                    'machine without accelerators); 0 keeps the platform default.')
+                                    'machine without accelerators); 0: as many as a mesh of explicit sizes needs.')
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -38,19 +41,33 @@ def _in_cluster() -> bool:
   return ',' in env.get('TPU_WORKER_HOSTNAMES', '') or 'MEGASCALE_COORDINATOR_ADDRESS' in env
 
 
+def _config_name() -> str:
+  """configs/tiny.py -> tiny (a config file may carry an argument after a colon)."""
+  path = config_flags.get_config_filename(flags.FLAGS['config']).split(':')[0]
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def _mesh_devices(mesh) -> int:
+  """Devices a mesh of explicit sizes spans (0 when one size is -1: it fills whatever there is)."""
+  sizes = [mesh.data, mesh.expert, mesh.pipeline]
+  return 0 if -1 in sizes else sizes[0] * sizes[1] * sizes[2]
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
-  if _CPU_DEVICES.value:
-    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)  # before the first use of a backend
+  cpu_devices = _CPU_DEVICES.value or _mesh_devices(_CONFIG.value.mesh)
+  if cpu_devices > 1:  # before the first use of a backend; a machine with accelerators does not use them
+    jax.config.update('jax_num_cpu_devices', cpu_devices)
   if _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value, initialization_timeout=120)
   elif _in_cluster():
     jax.distributed.initialize()  # TPU pod / SLURM / Open MPI: addresses and ranks from the environment
   logging.info('config:\n%s', _CONFIG.value)
-  result = train(_CONFIG.value, _WORKDIR.value)
+  workdir = _WORKDIR.value or os.path.join('runs', _config_name())
+  result = train(_CONFIG.value, workdir)
   if result.preempted:
     print(f'stopped at step {result.step} on request; rerun the same command to resume')
     return
@@ -60,6 +77,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  flags.mark_flags_as_required(['config'])
   logging.set_verbosity(logging.INFO)
   app.run(main)

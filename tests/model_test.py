@@ -8,6 +8,7 @@ from absl.testing import parameterized
 from flax import nnx
 
 from deepseek_jax import cost
+from deepseek_jax.block import scan_blocks
 from deepseek_jax.config import PRESETS
 from deepseek_jax.model import DeepSeekV3
 from tests.helpers import forward, mtp_forward, random_model
@@ -44,8 +45,9 @@ class ModelTest(parameterized.TestCase):
     t = 5
 
     def logits_at_t(x):
-      hidden, _ = model.trunk(x, positions)
-      return model.head(hidden)[:, t].sum()
+      x, _ = scan_blocks(model.dense_layers, x, positions)
+      x, _ = model.moe_blocks(x, positions)
+      return model.head(model.norm(x))[:, t].sum()
 
     grad_BTD = jax.jit(jax.grad(logits_at_t))(x_BTD)
     per_position = np.abs(np.asarray(grad_BTD)).sum(axis=(0, 2))

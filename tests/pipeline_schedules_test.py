@@ -1,4 +1,4 @@
-"""Pipeline timetables: dependencies respected, bubbles equal to the published formulas, 1F1B's memory bound."""
+"""Pipeline schedules: complete and dependency-respecting, bubbles against the published formulas, memory."""
 
 from absl.testing import absltest, parameterized
 
@@ -7,43 +7,71 @@ from deepseek_jax import pipeline_schedules as ps
 
 class ScheduleTest(parameterized.TestCase):
 
-  @parameterized.product(n_stages=(2, 4, 8), n_micro=(1, 4, 8, 20), schedule=('gpipe', '1f1b'))
-  def test_timetable_bubble_and_dependencies(self, n_stages, n_micro, schedule):
-    orders = (ps.gpipe if schedule == 'gpipe' else ps.one_f_one_b)(n_stages, n_micro)
-    table = ps.timetable(orders)
-    # Every microbatch's forward and backward on every stage, once.
-    ran = sorted((op.kind, op.micro, s) for row in table for s, op in enumerate(row) if op is not None)
-    self.assertEqual(ran, sorted((k, i, s) for k in 'FB' for i in range(n_micro) for s in range(n_stages)))
-    tick = {(op.kind, op.micro, s): t for t, row in enumerate(table) for s, op in enumerate(row) if op}
-    for i in range(n_micro):
-      for s in range(n_stages):
-        if s:
-          self.assertLess(tick['F', i, s - 1], tick['F', i, s])
-        if s < n_stages - 1:
-          self.assertLess(tick['B', i, s + 1], tick['B', i, s])
-        self.assertLess(tick['F', i, s], tick['B', i, s])
-    # Equal F and B times: 2 (M + P - 1) ticks, bubble (P - 1) / (M + P - 1) for both (Narayanan et al.).
-    self.assertLen(table, 2 * (n_micro + n_stages - 1))
-    self.assertAlmostEqual(ps.bubble_fraction(table), (n_stages - 1) / (n_micro + n_stages - 1))
+  @parameterized.product(n_devices=(2, 4, 8), n_micro=(1, 4, 8, 20), name=('gpipe', '1f1b', 'dualpipev'))
+  def test_every_op_once_after_its_inputs(self, n_devices, n_micro, name):
+    if name == 'dualpipev' and n_micro < 2 * n_devices:
+      with self.assertRaisesRegex(ValueError, 'at least'):
+        ps.dualpipe_v(n_devices, n_micro)
+      return
+    schedule = ps.SCHEDULES[name](n_devices, n_micro)
+    ps.check(schedule)
+    tick = {}
+    for t, row in enumerate(ps.timetable(schedule)):
+      for d, slot in enumerate(row):
+        for op in slot or ():
+          self.assertEqual(schedule.placement[op.chunk], d)
+          tick[op] = t
+    for op, t in tick.items():
+      for kind, chunk, micro in ps.needs(op, schedule.n_chunks):
+        done = [tick[ps.Op(k, chunk, micro)] for k in kind if ps.Op(k, chunk, micro) in tick]
+        self.assertLen(done, 1)
+        self.assertLess(done[0], t)
 
-  def test_1f1b_holds_at_most_p_minus_s_microbatches(self):
-    for n_stages, n_micro in ((4, 8), (8, 20), (8, 4)):
-      peaks = ps.peak_activations(ps.timetable(ps.one_f_one_b(n_stages, n_micro)))
-      self.assertEqual(peaks, [min(n_stages - s, n_micro) for s in range(n_stages)])
-      self.assertEqual(ps.peak_activations(ps.timetable(ps.gpipe(n_stages, n_micro))), [n_micro] * n_stages)
+  @parameterized.product(n_devices=(2, 4, 8), n_micro=(1, 4, 8, 20), b=(1.0, 2.0))
+  def test_1f1b_and_gpipe_bubble_is_p_minus_1_times_f_plus_b(self, n_devices, n_micro, b):
+    for make in (ps.gpipe, ps.one_f_one_b):
+      makespan, idle = ps.simulate(make(n_devices, n_micro), {'F': 1.0, 'B': b, 'W': 0.0})
+      for device_idle in idle:
+        self.assertAlmostEqual(device_idle, (n_devices - 1) * (1.0 + b))
+      self.assertAlmostEqual(makespan, (n_micro + n_devices - 1) * (1.0 + b))
 
-  def test_lockstep_ticks_with_slower_backwards(self):
-    # B = 2F: ticks that mix F and B last 2; the bubble grows past the asynchronous formula, which a
-    # lockstep engine cannot reach.
-    table = ps.timetable(ps.one_f_one_b(4, 8))
-    lockstep = ps.bubble_fraction(table, {'F': 1.0, 'B': 2.0})
-    asynchronous = 3 * 3 / (8 * 3 + 3 * 3)  # (P - 1)(F + B) / (M (F + B) + (P - 1)(F + B))
-    self.assertGreater(lockstep, asynchronous)
-    self.assertLess(lockstep, 0.5)
+  @parameterized.product(n_devices=(2, 4, 8), micro_per_device=(2, 3, 5), w=(0.0, 0.5), overlap=(0.0, 0.5))
+  def test_dualpipev_bubble_formula(self, n_devices, micro_per_device, w, overlap):
+    # (PP / 2 - 1)(F&B + B - 3W), PP = 2 x devices chunks, B = 2F, for any M >= 2P (it does not grow with M):
+    # the most idle device waits between that minus one F and that (exactly minus F from 4 devices on).
+    costs = {'F': 1.0, 'B': 2.0, 'W': w, 'F&B': 3.0 - overlap}
+    _, idle = ps.simulate(ps.dualpipe_v(n_devices, micro_per_device * n_devices), costs)
+    formula = (n_devices - 1) * (costs['F&B'] + costs['B'] - 3 * costs['W'])
+    self.assertBetween(max(idle), formula - costs['F'] - 1e-9, formula + 1e-9)
+    if n_devices >= 4:
+      self.assertAlmostEqual(max(idle), formula - costs['F'])
+    # Half the 1F1B bubble of the same P devices (its stage = 2 chunks: F and B twice as long).
+    _, one_f_one_b_idle = ps.simulate(ps.one_f_one_b(n_devices, micro_per_device * n_devices),
+                                      {'F': 2.0, 'B': 4.0, 'W': 0.0})
+    self.assertLess(max(idle), 0.9 * one_f_one_b_idle[0])
+
+  def test_activations_held(self):
+    for n_devices, n_micro in ((4, 8), (8, 20), (8, 4)):
+      table = ps.timetable(ps.one_f_one_b(n_devices, n_micro))
+      self.assertEqual(ps.peak_activations(table), [min(n_devices - d, n_micro) for d in range(n_devices)])
+      self.assertEqual(ps.peak_activations(ps.timetable(ps.gpipe(n_devices, n_micro))), [n_micro] * n_devices)
+      # DualPipeV: PP + 1 chunk activations (PP = 2P chunks), not growing with M (DualPipe README table).
+      if n_micro >= 2 * n_devices:
+        self.assertEqual(ps.peak_activations(ps.timetable(ps.dualpipe_v(n_devices, n_micro))),
+                         [2 * n_devices + 1] * n_devices)
+
+  def test_dualpipev_places_embedding_head_and_mtp_together(self):
+    schedule = ps.dualpipe_v(4, 8)
+    self.assertEqual(schedule.placement, (0, 1, 2, 3, 3, 2, 1, 0))  # first and last chunk on device 0
+    self.assertEqual(schedule.local_chunks(1), [1, 6])
 
   def test_deadlock_is_reported(self):
+    bad = ps.Schedule('bad', 2, 1, (0, 1), (((ps.Op('B', 0, 0),), (ps.Op('F', 0, 0),)),
+                                             ((ps.Op('F', 1, 0),), (ps.Op('B', 1, 0),))))
     with self.assertRaisesRegex(ValueError, 'deadlocks'):
-      ps.timetable([[ps.Op('B', 0), ps.Op('F', 0)], [ps.Op('F', 0), ps.Op('B', 0)]])
+      ps.timetable(bad)
+    with self.assertRaisesRegex(ValueError, 'deadlocks'):
+      ps.simulate(bad, {'F': 1.0, 'B': 1.0, 'W': 0.0})
 
 
 if __name__ == '__main__':

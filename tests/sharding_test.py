@@ -80,13 +80,17 @@ class ShardedTrainStepTest(parameterized.TestCase):
     cls.want_grads, cls.want_terms = grads(graphdef, state, cls.tokens)
     cls.want_state, cls.want_metrics = jax.jit(functools.partial(train_step, graphdef, TX))(state, cls.tokens, HYPER)
 
-  @parameterized.parameters((8, 1), (2, 4), (1, 8))
+  @parameterized.parameters((8, 1), (2, 4), (1, 8), (4, 2))
   def test_equals_single_device(self, data, expert):
     mesh = sharding.make_mesh(data=data, expert=expert)
     shardings = sharding.state_shardings(self.state, mesh)
     state = jax.device_put(self.state, shardings)
     tokens = jax.device_put(self.tokens, sharding.batch_sharding(mesh, 3, 1))
-    got_grads, terms = grads(self.graphdef, state, tokens)
+    with jax.set_mesh(mesh):  # as the trainer runs: the MoE layers see the mesh and dispatch over 'expert'
+      got_grads, terms = grads(self.graphdef, state, tokens)
+      hlo = grads.lower(self.graphdef, state, tokens).as_text()
+    # Expert parallelism is explicit: tokens all-gathered and outputs reduce-scattered over 'expert'.
+    self.assertEqual('reduce_scatter' in hlo, expert > 1)
     # fp32, relative 1e-5: the loss, each parameter's gradient, and the expert counts exactly.
     self.assertLessEqual(rel(terms.total, self.want_terms.total), 1e-5)
     worst = max(jax.tree.leaves(jax.tree.map(rel, got_grads, self.want_grads)))
@@ -94,7 +98,8 @@ class ShardedTrainStepTest(parameterized.TestCase):
     np.testing.assert_array_equal(terms.expert_counts_LE, self.want_terms.expert_counts_LE)
     # The whole step (AdamW, router-bias update) with the state kept in its shardings.
     step = jax.jit(functools.partial(train_step, self.graphdef, TX), out_shardings=(shardings, None))
-    new_state, metrics = step(state, tokens, HYPER)
+    with jax.set_mesh(mesh):
+      new_state, metrics = step(state, tokens, HYPER)
     self.assertLessEqual(rel(metrics['loss'], self.want_metrics['loss']), 1e-5)
     self.assertLessEqual(rel(metrics['grad_norm'], self.want_metrics['grad_norm']), 1e-5)
     for got, want in zip(jax.tree.leaves(new_state.bias), jax.tree.leaves(self.want_state.bias)):
@@ -133,13 +138,14 @@ class ShardedTrainStepTest(parameterized.TestCase):
       self.assertEqual(got.sharding, spec)
 
 
-def tiny_run(workdir, steps, batch_size=4, **mesh):
+def tiny_run(workdir, steps, batch_size=4, microbatch_size=0, **mesh):
   """Trains the tiny config in this process (8 devices) and returns its per-step losses."""
   from configs import tiny
   from deepseek_jax.metrics import read_metrics
   from deepseek_jax.trainer import train
   config = tiny.get_config()
   config.steps, config.batch_size, config.checkpoint_every, config.eval_every = steps, batch_size, 3, 100
+  config.microbatch_size = microbatch_size
   config.sample_tokens = 2
   config.mesh.update(mesh)
   train(config, workdir)
@@ -149,10 +155,12 @@ def tiny_run(workdir, steps, batch_size=4, **mesh):
 class ShardedTrainingRunTest(absltest.TestCase):
 
   def test_mesh_run_resumed_on_one_device_matches_a_single_device_run(self):
-    single = tiny_run(self.create_tempdir().full_path, 5)
+    # Two microbatches of 4 sequences: on one device accumulated, on the (2, 2, 2) mesh through the 1F1B
+    # pipeline (one MoE block per stage) with experts spread over 'expert'.
+    single = tiny_run(self.create_tempdir().full_path, 5, batch_size=8, microbatch_size=4)
     workdir = self.create_tempdir().full_path
-    tiny_run(workdir, 3, data=2, expert=2)  # sharded initialisation, 3 steps, a checkpoint
-    resumed = tiny_run(workdir, 5)  # restored onto one device, 2 more steps
+    tiny_run(workdir, 3, batch_size=8, microbatch_size=4, data=2, expert=2, pipeline=2)  # 3 steps, a checkpoint
+    resumed = tiny_run(workdir, 5, batch_size=8, microbatch_size=4)  # restored onto one device, 2 more steps
     self.assertLen(resumed, 5)
     np.testing.assert_allclose(resumed, single, rtol=1e-5)
 
