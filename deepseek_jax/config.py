@@ -17,6 +17,7 @@ import jax.numpy as jnp
 _SCORE_FUNCS = ('sigmoid', 'softmax')
 _DTYPES = ('float32', 'bfloat16', 'float16')
 GMM_IMPLS = ('auto', 'ragged_dot', 'tiled', 'gather')  # see grouped_matmul.gmm
+EP_DISPATCHES = ('auto', 'all_gather', 'all_to_all')  # see expert_parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,7 @@ class ModelConfig:
   fp8_weights: bool = False  # hold projection / expert weights as FP8 codes + block scales (inference only).
   scan_layers: bool = True  # False unrolls the layer loop: faster small models on CPU, compile time ~ depth.
   kv_block: int = 256  # decoding attends over the KV cache in blocks of this many positions, as far as filled.
+  ep_dispatch: str = 'auto'  # expert-parallel dispatch, see expert_parallel.DISPATCHES.
 
   def __post_init__(self):
     _validate(self)
@@ -170,6 +172,7 @@ def _validate(c: ModelConfig) -> None:
   need(c.dtype in _DTYPES, 'dtype', f'must be one of {_DTYPES}')
   need(c.gmm_impl in GMM_IMPLS, 'gmm_impl', f'must be one of {GMM_IMPLS}')
   need(c.kv_block > 0, 'kv_block', 'must be positive')
+  need(c.ep_dispatch in EP_DISPATCHES, 'ep_dispatch', f'must be one of {EP_DISPATCHES}')
   need(c.quant in ('none', 'fp8'), 'quant', "must be 'none' or 'fp8'")
   need(c.fp8_impl in ('auto', 'pallas', 'interpret', 'xla'), 'fp8_impl', "must be 'auto', 'pallas', 'interpret' or 'xla'")
   need(c.fp8_scale_fmt in ('f32', 'ue8m0'), 'fp8_scale_fmt', "must be 'f32' or 'ue8m0'")

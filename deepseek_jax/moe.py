@@ -38,6 +38,7 @@ class RoutedExperts(nnx.Module):
     self.recipe = fp8_recipe(cfg)
     # FP8 quantizes 128-row tiles: the tiled layout keeps every expert's rows in whole tiles.
     self.gmm_impl = 'tiled' if self.recipe is not None else cfg.gmm_impl
+    self.ep_dispatch = cfg.ep_dispatch
     self.shapes = (('w1', (e, d, i)), ('w2', (e, i, d)), ('w3', (e, d, i)))  # static attributes stay hashable
     axes = {'w1': ('expert', 'embed', 'moe_mlp'), 'w2': ('expert', 'moe_mlp', 'embed'),
             'w3': ('expert', 'embed', 'moe_mlp')}
@@ -68,7 +69,7 @@ class RoutedExperts(nnx.Module):
     weights = self.weights()
     mesh = expert_parallel.expert_mesh(x_XD.shape[0])
     if mesh is not None:  # experts spread over the mesh's 'expert' axis
-      return expert_parallel.routed(self._apply, mesh, x_XD, experts_XK, weights_XK, weights)
+      return expert_parallel.routed(self._apply, mesh, x_XD, experts_XK, weights_XK, weights, self.ep_dispatch)
     return self._apply(x_XD, experts_XK, weights_XK, weights, self.shapes[0][1][0])
 
   def _apply(self, x_XD, experts_XK, weights_XK, weights, n_experts: int):

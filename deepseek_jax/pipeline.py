@@ -4,18 +4,22 @@ The MoE blocks are cut into the schedule's V chunks of equal depth; chunk c live
 (1F1B: chunk d on device d; DualPipeV: chunks d and 2P - 1 - d). The first chunk also runs the embedding
 and the dense blocks, the last chunk the final norm, output head, MTP modules and the loss, so under
 DualPipeV the embedding, the head and MTP all sit on device 0, as in DeepSeek-V3 (spec §3.2.3). Those
-non-pipelined weights are replicated along 'pipeline' (still FSDP-sharded over 'data'); their gradients are
-summed over it.
+non-pipelined weights are stored like any other (FSDP over data x expert) and reach every stage; their
+gradients are summed over the stages.
 
-Everything runs in one `jax.shard_map`, manual over 'pipeline' only: 'data' and 'expert' stay with the
-partitioner (and the MoE layers' own expert-parallel shard_map). A `lax.scan` walks the timetable's ticks;
-at each tick every device looks up its own row, runs at most one forward and one backward (a DualPipe F&B
-pair; both are `lax.switch`es over off / middle / first / last chunk), then one `ppermute` down and one up
-carries activations and input gradients to the neighbours; a chunk's successor on the same device (the V's
-turn) is written locally. A backward recomputes its chunk's forward under `jax.vjp` from the stored chunk
-input, so a held microbatch costs one [b, T, D] activation (buffer slots are reused by liveness: 1F1B holds
-P - d, DualPipeV 2P + 1 chunk inputs, whatever the number of microbatches); W chunks of a zero-bubble split
-are folded into their backward (XLA computes both gradients at once).
+Everything runs in one `jax.shard_map`, manual over every mesh axis: the weights enter gathered over data
+x expert (ZeRO-1 within the step; routed experts stay split over 'expert'), each device works on its share
+of every microbatch, and gradients are summed over the shards at the end. (Left to the partitioner, the
+'data' axis put resharding collectives inside the per-device branches below, where devices taking
+different branches waited for each other forever.) A `lax.scan` walks the timetable's ticks; at each tick
+every device looks up its own row, runs at most one forward and one backward (a DualPipe F&B pair; both are
+`lax.switch`es over off / middle / first / last chunk), then one `ppermute` down and one up carries
+activations and input gradients to the neighbours; a chunk's successor on the same device (the V's turn)
+is written locally. Inside the branches only the expert dispatch communicates, within expert groups, whose
+devices always run the same branch. A backward recomputes its chunk's forward under `jax.vjp` from the
+stored chunk input, so a held microbatch costs one [b, T, D] activation; buffer slots are reused by
+liveness (1F1B: P per device, DualPipeV: 2P + 2, whatever the number of microbatches). W chunks of a
+zero-bubble split are folded into their backward (XLA computes both gradients at once).
 
 The result equals the microbatch-accumulated gradient of train_step (mean over microbatches) up to
 summation order; expert counts are summed over the global batch.
@@ -102,9 +106,9 @@ def make_plan(name: str, n_devices: int, n_micro: int) -> Plan:
           side = 'above' if direction == DOWN else 'below'
           table[t, where[receiver], FIELDS.index(f'{side}_{kind}_on')] = 1
           table[t, where[receiver], FIELDS.index(f'{side}_{kind}_slot')] = buffer_slot
-      for name_, value in cell.items():
-        if value or not name_.startswith(('above', 'below')):
-          table[t, d, FIELDS.index(name_)] = value
+      for field, value in cell.items():
+        if value:  # a receiver's fields may already be set by its neighbours' sends
+          table[t, d, FIELDS.index(field)] = value
   return Plan(schedule, table, max(act_slots, 1), max(grad_slots, 1))
 
 
@@ -291,10 +295,7 @@ def pipeline_grads(graphdef, params: nnx.State, bias: nnx.State, tokens_NBS, hyp
     return jax.tree.map(lambda a: a[None], g_moe), g_rest, terms, counts
 
   stored = jax.tree.map(to_devices, (moe_p, moe_b))
-  # Manual over every mesh axis: the weights enter gathered over 'data' (ZeRO-1 inside the step, as DeepSeek
-  # trains) and the partitioner inserts no collective inside the per-device branches, where devices that
-  # take different branches would wait for each other; only the expert dispatch communicates there, within
-  # expert groups, which always run the same branch.
+  # Manual over every mesh axis (module docstring): weights whole but for the routed experts' 'expert' split.
   moe_specs, rest_specs = _expert_specs(moe_p, ep, layers=True), _expert_specs(rest_p, ep, layers=False)
   stored_specs = jax.tree.map(lambda spec: P('pipeline', None, None, *spec), moe_specs)  # [P, chunks, layers, ...]
   bias_specs = jax.tree.map(lambda _: P('pipeline'), stored[1])

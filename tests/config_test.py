@@ -38,7 +38,7 @@ HUB_V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3
                                                              "quant_method": "fp8", "weight_block_size": [128, 128]}}
 
 ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)
-               if f.name not in ('param_dtype', 'dtype', 'gmm_impl', 'remat', 'scan_layers', 'kv_block', 'quant', 'fp8_impl', 'fp8_scale_fmt',
+               if f.name not in ('param_dtype', 'dtype', 'gmm_impl', 'remat', 'scan_layers', 'kv_block', 'ep_dispatch', 'quant', 'fp8_impl', 'fp8_scale_fmt',
                              'fp8_weights', 'norm_topk_prob')]
 
 

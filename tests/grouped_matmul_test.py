@@ -48,6 +48,20 @@ class DispatchTest(parameterized.TestCase):
     for g, r in zip(got, want):
       np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-3)
 
+  @parameterized.parameters('tiled', 'ragged_dot', 'gather')
+  def test_copies_for_other_devices_are_left_out(self, impl):
+    # Expert parallelism: this device holds experts 0-2 of 6; ids 3-5 arrive as 3 ("elsewhere") with a zero
+    # gate weight and must contribute nothing, in value or gradient.
+    x, experts, weights, w = problem(jax.random.key(5))
+    mine = experts < 3
+    local_experts, local_weights = jnp.where(mine, experts, 3), jnp.where(mine, weights, 0.0)
+    want = reference_ffn(x, jnp.where(mine, experts, 0), local_weights, w)
+    got = jax.jit(lambda *a: routed_ffn(*a, impl))(x, local_experts, local_weights, w[:3])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+    d_w = jax.grad(lambda w3: routed_ffn(x, local_experts, local_weights, w3, impl).sum())(w[:3])
+    want_d_w = jax.grad(lambda w6: reference_ffn(x, jnp.where(mine, experts, 0), local_weights, w6).sum())(w)
+    np.testing.assert_allclose(d_w, want_d_w[:3], rtol=1e-5, atol=1e-3)
+
   def test_reference_matmul_on_sorted_rows(self):
     rows = jax.random.normal(jax.random.key(3), (10, 4))
     w = jax.random.normal(jax.random.key(4), (3, 4, 2))
