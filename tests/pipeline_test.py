@@ -57,10 +57,13 @@ class PipelineTest(parameterized.TestCase):
   def test_gradients_equal_single_device(self, data, expert, stages, schedule, n_layers, n_micro):
     self._check_gradients(data, expert, stages, schedule, n_layers, n_micro)
 
+  @pytest.mark.slow  # (absl's parameterized copies drop pytest marks: one method per case)
+  def test_dualpipev_on_4_stages_equals_single_device(self):
+    self._check_gradients(1, 2, 4, 'dualpipev', 9, 8)  # 8 chunks of one MoE block, 8 microbatches
+
   @pytest.mark.slow
-  @parameterized.parameters((1, 2, 4, 'dualpipev', 9, 8), (4, 1, 2, 'gpipe', 5, 4))
-  def test_gradients_equal_single_device_more_schedules(self, data, expert, stages, schedule, n_layers, n_micro):
-    self._check_gradients(data, expert, stages, schedule, n_layers, n_micro)
+  def test_gpipe_equals_single_device(self):
+    self._check_gradients(4, 1, 2, 'gpipe', 5, 4)
 
   def _check_gradients(self, data, expert, stages, schedule, n_layers, n_micro):
     graphdef, state, tokens, _, _, (want_grads, want_loss, want_counts) = reference(n_layers, n_micro)
