@@ -23,7 +23,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (with --coordinator_address).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Split the host CPU into this many devices (meshes on a '
-                                    'machine without accelerators); 0: as many as a mesh of explicit sizes needs.')
+                                    'machine without accelerators); 0: in a single-process run, as many as a mesh '
+                                    'of explicit sizes needs.')
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -57,7 +58,8 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
-  cpu_devices = _CPU_DEVICES.value or _mesh_devices(_CONFIG.value.mesh)
+  single_process = not _COORDINATOR.value and not _in_cluster()
+  cpu_devices = _CPU_DEVICES.value or (_mesh_devices(_CONFIG.value.mesh) if single_process else 0)
   if cpu_devices > 1:  # before the first use of a backend; a machine with accelerators does not use them
     jax.config.update('jax_num_cpu_devices', cpu_devices)
   if _COORDINATOR.value:
