@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from deepseek_jax.config import PRESETS
@@ -11,6 +12,7 @@ from tests.helpers import forward, random_model
 
 class GreedyRolloutTest(absltest.TestCase):
 
+  @pytest.mark.slow  # the reference of the references: generate_test checks generate() against it by default
   def test_matches_growing_forwards(self):
     cfg = PRESETS['tiny']
     model = random_model(cfg, seed=7)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from absl.testing import absltest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +84,7 @@ class LauncherTest(absltest.TestCase):
     self.assertTrue(os.listdir(os.path.join(self.reference, 'tensorboard')))
     self.assertIn('sample:', self.log_text(self.reference))
 
+  @pytest.mark.slow  # generate_test proves speculative == plain; tokenizer_test runs launch.decode by default
   def test_decode_speculative_prints_the_plain_text(self):
     def decode(*flags):
       done = subprocess.run([sys.executable, '-m', 'launch.decode', f'--workdir={self.reference}', '--prompt=def ',
