@@ -76,10 +76,11 @@ def main(argv):
       for name, costs in (('1f1b', {'F': 2.0, 'B': 4.0, 'W': 0.0}),  # a stage = 2 chunks of the V
                           ('dualpipev', {'F': 1.0, 'B': 2.0, 'W': 0.0}),
                           ('dualpipev', {'F': 1.0, 'B': 2.0, 'W': 0.5, 'F&B': 2.5})):
-        makespan, idle = ps.simulate(ps.SCHEDULES[name](stages, micro), costs)
+        orders = ps.SCHEDULES[name](stages, micro)
+        _, idle = ps.simulate(orders, costs)
         formula = (stages - 1) * ((costs['F'] + costs['B']) if name == '1f1b' else
                                   (costs.get('F&B', costs['F'] + costs['B']) + costs['B'] - 3 * costs['W']))
-        cells.append(f'{max(idle):g} / {formula:g} ({sum(idle) / (makespan * stages):.3f})')
+        cells.append(f'{max(idle):g} / {formula:g} ({ps.bubble_fraction(orders, costs):.3f})')
       table = ps.timetable(ps.dualpipe_v(stages, micro))
       bubble_rows.append(f'| {stages} | {micro} | ' + ' | '.join(cells) +
                          f' | {len(ps.timetable(ps.one_f_one_b(stages, micro)))} / {len(table)} |')

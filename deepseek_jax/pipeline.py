@@ -152,8 +152,7 @@ def _join(rest: nnx.State, moe, like: nnx.State) -> nnx.State:
 
 class ChunkOut(NamedTuple):
   x_BTD: jax.Array  # the next chunk's input (zeros from the last chunk)
-  objective: jax.Array  # this chunk's share of the microbatch's loss
-  terms: jax.Array  # [3]: ce, mtp, balance shares
+  terms: jax.Array  # [3]: this chunk's shares of the microbatch's ce, mtp and balance terms (their sum: its loss)
   counts_LE: jax.Array  # this chunk's MoE layers' expert counts
   mtp_counts_LE: jax.Array  # the MTP blocks' (last chunk only, else zeros)
 
@@ -207,20 +206,19 @@ def pipeline_grads(graphdef, params: nnx.State, bias: nnx.State, tokens_NBS, hyp
     zero = jnp.zeros((), jnp.float32)
     mtp_counts = jnp.zeros((n_mtp_counts, cfg.n_routed_experts), jnp.int32)
     if branch != LAST:
-      return ChunkOut(x_BTD, balance, jnp.stack([zero, zero, balance]), stats.counts_E, mtp_counts)
+      return ChunkOut(x_BTD, jnp.stack([zero, zero, balance]), stats.counts_E, mtp_counts)
     ce, mtp, mtp_stats = output_terms(model, inputs_BT, targets_BT, model.norm(x_BTD), hyper.mtp_lambda)
     if mtp_stats is not None:
       balance = balance + hyper.balance_alpha * balance_loss(mtp_stats)
       mtp_counts = mtp_stats.counts_E
-    return ChunkOut(jnp.zeros_like(x_BTD), ce + mtp + balance, jnp.stack([ce, mtp, balance]), stats.counts_E,
-                    mtp_counts)
+    return ChunkOut(jnp.zeros_like(x_BTD), jnp.stack([ce, mtp, balance]), stats.counts_E, mtp_counts)
 
   def local(moe_p, moe_b, rest_p, rest_b, tokens_NBS, hyper, table):
     moe_p, moe_b = jax.tree.map(lambda a: a[0], (moe_p, moe_b))  # [local chunks, layers per chunk, ...]
     rows = table[:, jax.lax.axis_index('pipeline')]  # this device's [ticks, fields]
     take = lambda tree, j: jax.tree.map(lambda a: a[j], tree)
     zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
-    off = ChunkOut(zeros_x, jnp.zeros((), jnp.float32), jnp.zeros((3,), jnp.float32),
+    off = ChunkOut(zeros_x, jnp.zeros((3,), jnp.float32),
                    jnp.zeros((per_chunk, cfg.n_routed_experts), jnp.int32),
                    jnp.zeros((n_mtp_counts, cfg.n_routed_experts), jnp.int32))
 
@@ -238,7 +236,7 @@ def pipeline_grads(graphdef, params: nnx.State, bias: nnx.State, tokens_NBS, hyp
       def run(j, x_BTD, g_BTD, tokens_BS):
         def objective(chunk_p, rest_p, x_BTD):
           out = chunk(branch, chunk_p, take(moe_b, j), rest_p, rest_b, x_BTD, tokens_BS, hyper)
-          return out.x_BTD, out.objective
+          return out.x_BTD, out.terms.sum()
 
         _, vjp = jax.vjp(objective, take(moe_p, j), rest_p, x_BTD)
         return vjp((g_BTD if branch != LAST else zeros_x, jnp.float32(inv_micro)))

@@ -8,6 +8,7 @@ WORKDIR/metrics.jsonl and TensorBoard; the run ends with a loss-curve PNG and a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -109,34 +110,32 @@ def train(config, workdir: str) -> TrainResult:
   evaluate = lambda state: float(np.mean([float(eval_fn(state, data.host_batch(b, eval_BS))['ce'])
                                           for b in val_batches]))
 
-  # Traced under the mesh: the MoE layers see its 'expert' axis and dispatch over it (expert_parallel.py).
-  with jax.set_mesh(mesh):
-    pending, val_loss, streak = None, None, 0
-    clock = _Clock(step, config.steps)
-    try:
-      while step < config.steps and not stop.requested:
-        hyper, n_sequences = _hyper(config, tokens_seen)
-        micro = config.microbatch_size or n_sequences
-        indices_NB = batches.next_indices(n_sequences).reshape(n_sequences // micro, micro)
-        state, step_metrics = step_fn(state, data.global_batch(corpus.train, config.seq_len, indices_NB, batch_NBS),
-                                      hyper)
-        step, tokens_seen = step + 1, tokens_seen + n_sequences * config.seq_len
-        # Read the previous step's metrics only now, so the host never waits for the step it just dispatched.
-        if pending is not None:
-          streak = _record(metrics, clock, config, *pending, streak)
-        val_loss = evaluate(state) if step % config.eval_every == 0 or step == config.steps else None
-        pending = (step, step_metrics, hyper.lr, n_sequences * config.seq_len, val_loss)
-        if step % config.checkpoint_every == 0:
-          checkpoints.save(step, state, meta())
+  pending, val_loss, streak = None, None, 0
+  clock = _Clock(step, config.steps)
+  with contextlib.ExitStack() as cleanup:
+    # Traced under the mesh: the MoE layers see its 'expert' axis and dispatch over it (expert_parallel.py).
+    cleanup.enter_context(jax.set_mesh(mesh))
+    for close in (stop.release, metrics.close, checkpoints.close):  # on the way out, last first
+      cleanup.callback(close)
+    while step < config.steps and not stop.requested:
+      hyper, n_sequences = _hyper(config, tokens_seen)
+      micro = config.microbatch_size or n_sequences
+      indices_NB = batches.next_indices(n_sequences).reshape(n_sequences // micro, micro)
+      state, step_metrics = step_fn(state, data.global_batch(corpus.train, config.seq_len, indices_NB, batch_NBS),
+                                    hyper)
+      step, tokens_seen = step + 1, tokens_seen + n_sequences * config.seq_len
+      # Read the previous step's metrics only now, so the host never waits for the step it just dispatched.
       if pending is not None:
-        _record(metrics, clock, config, *pending, streak)
-      if checkpoints.manager.latest_step() != step:
+        streak = _record(metrics, clock, config, *pending, streak)
+      val_loss = evaluate(state) if step % config.eval_every == 0 or step == config.steps else None
+      pending = (step, step_metrics, hyper.lr, n_sequences * config.seq_len, val_loss)
+      if step % config.checkpoint_every == 0:
         checkpoints.save(step, state, meta())
-      checkpoints.wait()
-    finally:
-      checkpoints.close()
-      metrics.close()
-      stop.release()
+    if pending is not None:
+      _record(metrics, clock, config, *pending, streak)
+    if checkpoints.manager.latest_step() != step:
+      checkpoints.save(step, state, meta())
+    checkpoints.wait()
   if stop.requested:
     logging.info('stop requested (%s): saved step %d, exiting', stop.signal, step)
     return TrainResult(step, True, val_loss, None)

@@ -12,7 +12,7 @@ from absl.testing import absltest, parameterized
 from deepseek_jax import pipeline, sharding
 from deepseek_jax.config import PRESETS
 from deepseek_jax.optimizer import adamw
-from deepseek_jax.train_step import Hyper, init_train_state, train_step
+from deepseek_jax.train_step import Hyper, _grads_and_terms, init_train_state, train_step
 from tests.helpers import random_model
 from tests.sharding_test import rel
 
@@ -36,7 +36,6 @@ def setup(n_layers: int, n_micro: int):
 @functools.lru_cache(maxsize=None)
 def reference(n_layers: int, n_micro: int):
   graphdef, state, tokens, (new_state, metrics) = setup(n_layers, n_micro)
-  from deepseek_jax.train_step import _grads_and_terms
 
   @jax.jit
   def accumulated(state, tokens):
