@@ -1,7 +1,7 @@
 r"""FP8 against BF16 training on the demo: loss gap, step time, weight and saved-activation bytes.
 
 Trains configs/demo.py twice on the same data, seed and steps, once with bf16 activations (fp32 master
-weights) and once adding the FP8 recipe (`quant='fp8'`), then reports the relative gap of the smoothed
+weights) and once adding the FP8 recipe (`runtime.quant='fp8'`), then reports the relative gap of the smoothed
 training loss (mean next-token CE over the last 20% of steps) and of the final validation loss (the paper
 reports < 0.25% at scale), median step time, the bytes of the GEMM weight operands and of the activations
 saved for the backward pass, and plots both loss curves.
@@ -31,8 +31,8 @@ def run_config(quant: str, steps: int):
   from configs import demo
   config = demo.get_config()
   config.steps = steps
-  config.model_overrides = {**dict(config.model_overrides), 'dtype': 'bfloat16'}
-  config.quant = quant
+  config.runtime.dtype = 'bfloat16'
+  config.runtime.quant = quant
   config.log_every = 50
   return config
 
@@ -52,10 +52,10 @@ def memory(config):
   from deepseek_jax.loss import loss_fn
   from deepseek_jax.model import DeepSeekV3
   from deepseek_jax.moe import RoutedExperts
-  from deepseek_jax.trainer import model_config
+  from deepseek_jax.trainer import model_config, runtime
 
-  cfg = model_config(config)
-  model = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
+  cfg, rt = model_config(config), runtime(config)
+  model = nnx.eval_shape(lambda: DeepSeekV3(cfg, rt, nnx.Rngs(0)))
   weight_elems = 0
   for _, module in nnx.iter_graph(model):  # every projection and expert: what the FP8 recipe quantizes
     if isinstance(module, Linear) and module is not model.head:
@@ -63,7 +63,7 @@ def memory(config):
     elif isinstance(module, RoutedExperts):
       weight_elems += sum(int(np.prod(w.shape)) for w in (module.w1, module.w2, module.w3))
   # FP8: one byte per weight plus a 4-byte scale per 128 x 128 block; BF16: two bytes per weight.
-  weight_bytes = weight_elems * (1 + 4 / 128**2) if cfg.quant == 'fp8' else weight_elems * 2
+  weight_bytes = weight_elems * (1 + 4 / 128**2) if rt.quant == 'fp8' else weight_elems * 2
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tokens = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + 1), jnp.int32)
 
@@ -106,10 +106,11 @@ def main(argv):
            f'{mib(sum(saved.values()))} ({", ".join(f"{k} {mib(b)}" for k, b in sorted(saved.items()))}) |'
            for q, t, v, s, w, saved in rows]
   text = '\n'.join([
-      f'Command: `python bench/fp8_vs_bf16.py --steps={steps}` (2 CPU cores, jax {jax.__version__}). Both runs: '
+      f'Command: `python bench/fp8_vs_bf16.py --steps={steps}` ({os.cpu_count()} CPU cores, jax '
+      f'{jax.__version__}). Both runs: '
       f'configs/demo.py, {steps} steps of {runs["none"][0].batch_size} x {runs["none"][0].seq_len} tokens, the '
       'same seed and batches, bf16 activations with fp32 master weights and bf16 Adam moments; the FP8 run adds '
-      "`quant='fp8'` (e4m3, 1x128 activation / 128x128 weight scales, all three GEMMs of every projection and "
+      "`runtime.quant='fp8'` (e4m3, 1x128 activation / 128x128 weight scales, all three GEMMs of every projection and "
       'expert; the head, router, norms and attention core stay high precision). On CPU the FP8 GEMMs are '
       'emulated by XLA (dequantize, fp32 matmul), so the step time measures the quantization overhead, not '
       'FP8 hardware.',

@@ -42,11 +42,12 @@ def main(argv):
   from deepseek_jax.model import DeepSeekV3
   from deepseek_jax.optimizer import adamw
   from deepseek_jax.train_step import Hyper, init_train_state, train_step
-  from deepseek_jax.trainer import model_config
+  from deepseek_jax.trainer import model_config, runtime
   config = demo.get_config()
-  cfg = model_config(config).replace(n_layers=5)  # 4 MoE blocks: 2 or 4 pipeline stages, a 4-chunk V
+  demo_cfg, rt = model_config(config), runtime(config)
+  cfg = demo_cfg.replace(n_layers=demo_cfg.n_dense_layers + 4)  # 4 MoE blocks: 2 or 4 stages, a 4-chunk V
   tx = adamw(**dict(config.optimizer))
-  graphdef, abstract = nnx.eval_shape(lambda: init_train_state(DeepSeekV3(cfg, nnx.Rngs(0)), tx))
+  graphdef, abstract = nnx.eval_shape(lambda: init_train_state(DeepSeekV3(cfg, rt, nnx.Rngs(0)), tx))
   n_micro = _MICRO.value
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (n_micro, _BATCH.value // n_micro,
                                                                   config.seq_len + 1))
@@ -56,7 +57,7 @@ def main(argv):
   for data, expert, stages, schedule in MESHES:
     mesh = sharding.make_mesh(data=data, expert=expert, pipeline=stages)
     shardings = sharding.state_shardings(abstract, mesh)
-    state = jax.jit(lambda: init_train_state(DeepSeekV3(cfg, nnx.Rngs(0)), tx)[1], out_shardings=shardings)()
+    state = jax.jit(lambda: init_train_state(DeepSeekV3(cfg, rt, nnx.Rngs(0)), tx)[1], out_shardings=shardings)()
     batch = jax.device_put(tokens, sharding.batch_sharding(mesh, 3, 1))
     pipeline = (mesh, schedule) if schedule else None
     step = jax.jit(functools.partial(train_step, graphdef, tx, pipeline=pipeline),
@@ -86,20 +87,23 @@ def main(argv):
                          f' | {len(ps.timetable(ps.one_f_one_b(stages, micro)))} / {len(table)} |')
   text = '\n'.join([
       f'Command: `python bench/scaling.py --steps={_STEPS.value} --batch_size={_BATCH.value} '
-      f'--microbatches={n_micro}` (one process, the 2-core CPU split into 8 devices, jax {jax.__version__}). The '
-      f'demo model with 4 MoE blocks instead of 3 (so that 2 and 4 stages and a 4-chunk V divide them; fp32 '
+      f'--microbatches={n_micro}` (one process, the {os.cpu_count()}-core CPU split into {jax.device_count()} '
+      f'devices, jax {jax.__version__}). The demo model with {cfg.n_moe_layers} MoE blocks instead of '
+      f'{demo_cfg.n_moe_layers} (so that 2 and 4 stages and a 4-chunk V divide them; fp32 '
       f'master weights, bf16 AdamW moments: {total / 2**20:.1f} MiB of training state), {_BATCH.value} x '
       f'{config.seq_len} tokens per step in {n_micro} microbatches (accumulated, or pipelined); median step time '
       'of the timed steps after a warm-up. "State / device" is the largest share any device holds of the '
       'parameters, router biases and moments; "of total" divides it by the whole state; "temporaries" is '
-      'XLA\'s compiled scratch per device for one step; the loss is the last timed step\'s, after six updates (meshes differ only in summation order).',
+      'XLA\'s compiled scratch per device for one step; the loss is the last timed step\'s, computed after '
+      f'{_STEPS.value} updates (one warm-up step, then the timed ones; meshes differ only in summation order).',
       '',
       '| data x expert x pipeline | schedule | step ms | vs 1 device | state / device MiB | of total | '
       'temporaries MiB | loss |',
       '|---|---|---|---|---|---|---|---|',
       *rows,
       '',
-      'Eight devices on two cores cannot be faster than one: the step times show what sharding costs here '
+      f'{jax.device_count()} devices on {os.cpu_count()} cores cannot be faster than one: the step times show '
+      'what sharding costs here '
       '(collectives, smaller per-device kernels, and for the pipelines every bubble tick and the recomputed '
       'forward of each backward), and the memory columns show FSDP, expert and stage sharding dividing the '
       'state. Expert meshes run the explicit all-gather / reduce-scatter dispatch (expert_parallel.py). Inside '

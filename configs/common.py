@@ -1,8 +1,11 @@
 """Defaults shared by every experiment config: the DeepSeek-V3 recipe (paper §4.2), rescaled per run length."""
 
+import dataclasses
+
 import ml_collections
 
 from deepseek_jax import schedules
+from deepseek_jax.config import Runtime
 
 NEVER = 1e30  # tokens: a schedule stage that never ends
 
@@ -11,8 +14,11 @@ def base_config(model: str, steps: int, batch_size: int, seq_len: int, peak_lr: 
                 warmup_tokens: float) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.model = model  # a key of deepseek_jax.config.PRESETS
-  config.model_overrides = ml_collections.ConfigDict()  # ModelConfig fields, e.g. {'dtype': 'bfloat16'}
-  config.quant = 'none'  # 'fp8': DeepSeek's FP8 recipe on every projection (ModelConfig.quant)
+  # Architecture changes: ModelConfig fields, e.g. {'n_layers': 8}. The vocabulary is data.vocab_size's.
+  config.model_overrides = ml_collections.ConfigDict()
+  # How to run the model (deepseek_jax.config.Runtime), e.g. --config.runtime.dtype=bfloat16,
+  # --config.runtime.quant=fp8 (DeepSeek's FP8 recipe on every projection), --config.runtime.remat=True.
+  config.runtime = ml_collections.ConfigDict(dataclasses.asdict(Runtime()))
   config.seed = 0
   config.steps = steps
   config.batch_size = batch_size  # sequences per step (the final size when batch_ramp is set)
@@ -57,7 +63,7 @@ def pod_defaults(config: ml_collections.ConfigDict) -> None:
   """Accelerator-scale runs: fp32 master weights with bf16 activations, rematerialised blocks, a
   pre-tokenized corpus (uint32 ids: vocabularies past 65536), evaluation and checkpoints every few hundred
   steps, a log line per step."""
-  config.model_overrides = {'param_dtype': 'float32', 'dtype': 'bfloat16', 'remat': True}
+  config.runtime.update(param_dtype='float32', dtype='bfloat16', remat=True)
   config.microbatch_size = 0  # set per device count and memory, e.g. 64 sequences per accumulation step
   config.eval_every = 1000
   config.eval_batch_size = 64

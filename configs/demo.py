@@ -6,7 +6,7 @@ from configs.common import base_config
 
 def get_config():
   config = base_config('demo', steps=260, batch_size=16, seq_len=128, peak_lr=3e-3, warmup_tokens=30 * 16 * 128)
-  config.model_overrides = {'scan_layers': False}  # 4 layers: unrolled is ~15% faster on CPU
+  config.runtime.scan_layers = False  # 4 layers: unrolled is ~15% faster on CPU
   # The bias update speed relative to the LR as in the paper (0.001 at 2.2e-4): at this 14x larger LR the
   # router moves 14x faster, and gamma 0.001 would leave experts collapsed for most of a 5-minute run.
   config.gamma = [(gamma_until, 0.01) if value else (gamma_until, value) for gamma_until, value in config.gamma]

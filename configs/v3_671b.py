@@ -1,4 +1,4 @@
-"""DeepSeek-V3 671B pre-training, as the technical report describes it (§4.2, §3.3; spec §7).
+"""DeepSeek-V3 671B pre-training, as the technical report describes it (§4.2, §3.3).
 
 14.8T tokens of 4K-token sequences; AdamW (0.9, 0.95), weight decay 0.1, clip 1.0; LR 0 -> 2.2e-4 over the
 first 2K steps, constant to 10T tokens, cosine to 2.2e-5 over 4.3T, 2.2e-5 for 333B, 7.3e-6 for the last 167B;
@@ -21,7 +21,7 @@ def get_config():
   config = base_config('v3-671b', steps=steps, batch_size=BATCH_END, seq_len=SEQ_LEN, peak_lr=2.2e-4,
                        warmup_tokens=2000 * BATCH_START * SEQ_LEN)  # 2K steps, all inside the first ramp stage
   pod_defaults(config)
-  config.quant = 'fp8'  # FP8 mixed precision as trained (§3.3): fp8 GEMMs, fp32 master weights, bf16 moments
+  config.runtime.quant = 'fp8'  # FP8 mixed precision as trained (§3.3): fp8 GEMMs, fp32 master weights, bf16 moments
   config.batch_ramp = dict(start=BATCH_START, tokens=RAMP_TOKENS, multiple=RAMP_MULTIPLE)
   config.lr = dict(peak=2.2e-4, warmup_tokens=2000 * BATCH_START * SEQ_LEN, constant_until=10e12,
                    decay_tokens=4.3e12, end=2.2e-5, tail=[(333e9, 2.2e-5), (167e9, 7.3e-6)])

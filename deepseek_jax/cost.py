@@ -1,9 +1,11 @@
-"""Analytic cost model: parameters, KV-cache bytes and training FLOPs per token (spec §1.2, §2.5, §8.1).
+"""Analytic cost model: parameters, KV-cache bytes and training FLOPs per token (technical report Table 1;
+ISCA'25 "Insights into DeepSeek-V3" Tables 1-2).
 
 For v3-671b: 671.03e9 parameters in the main model, 37.55e9 active per token (8 routed + 1 shared expert,
 embedding and head included), an absorbed-MLA cache of 70,272 bytes per token (bf16, 61 layers) against
 4,997,120 for per-head K and V, and ~250e9 training FLOPs per token at 4K context (ISCA'25 Table 2).
-The parameter counts equal the Variables of `jax.eval_shape` of the model (tests/cost_test.py).
+The parameter counts equal the Variables of `jax.eval_shape` of the model (tests/model_test.py,
+BigConfigTest); tests/cost_test.py derives the published totals.
 """
 
 from __future__ import annotations

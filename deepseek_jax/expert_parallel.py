@@ -1,4 +1,4 @@
-"""Expert parallelism: the routed experts under `jax.shard_map` over the mesh's 'expert' axis (spec §3.4).
+"""Expert parallelism: the routed experts under `jax.shard_map` over the mesh's 'expert' axis (paper §3.2.2).
 
 Each of the ep devices along 'expert' holds E / ep routed experts (sharding.RULES) and a 1 / ep share of the
 tokens. Two dropless dispatches with static shapes; both equal the single-device layer up to summation order:
@@ -17,6 +17,9 @@ how the tests run the all_to_all dispatch.
 
 The gate, the expert counts and the balance statistics stay outside, in the global view of the batch, so the
 counts for the bias update are reduced over the whole global batch by the partitioner.
+
+Letters beyond model.py's key: Y the sending and Z the receiving device of an all-to-all (U: the rows a device
+receives, its dispatched expert rows).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+DISPATCHES = ('auto', 'all_gather', 'all_to_all')
 TOKEN_AXES = ('data', 'expert')  # sharding.RULES['batch']: how flattened tokens are split
 
 
@@ -91,24 +95,24 @@ def _all_to_all(apply_fn, n_local, ep, x_XD, experts_XK, weights_XK, weights):
   order_M = jnp.argsort(owner_M, stable=True)  # copies grouped by the device that owns their expert
   send_sizes = jnp.bincount(owner_M, length=ep).astype(jnp.int32)
   send_offsets = (jnp.cumsum(send_sizes) - send_sizes).astype(jnp.int32)
-  sizes_SR = jax.lax.all_gather(send_sizes, 'expert')  # [sender, receiver] copy counts
+  sizes_YZ = jax.lax.all_gather(send_sizes, 'expert')  # [sender, receiver] copy counts
   me = jax.lax.axis_index('expert')
   # Receiver r stores its slices by sender: mine starts after those of the senders before me.
-  landing_SR = (jnp.cumsum(sizes_SR, axis=0) - sizes_SR).astype(jnp.int32)
-  recv_sizes = sizes_SR[:, me]
+  landing_YZ = (jnp.cumsum(sizes_YZ, axis=0) - sizes_YZ).astype(jnp.int32)
+  recv_sizes = sizes_YZ[:, me]
   capacity = ep * m  # every peer may route every copy here
   rows_MD = x_XD[order_M // k]
   ids_M = (flat_M[order_M] % n_local).astype(jnp.int32)
   exchange = _ragged_all_to_all if jax.default_backend() in ('tpu', 'gpu') else _emulated_ragged_all_to_all
-  rows_CD = exchange(rows_MD, jnp.zeros((capacity, x_XD.shape[1]), x_XD.dtype), send_offsets, send_sizes,
-                     landing_SR[me], recv_sizes)
-  ids_C = exchange(ids_M, jnp.full((capacity,), n_local, jnp.int32), send_offsets, send_sizes, landing_SR[me],
+  rows_UD = exchange(rows_MD, jnp.zeros((capacity, x_XD.shape[1]), x_XD.dtype), send_offsets, send_sizes,
+                     landing_YZ[me], recv_sizes)
+  ids_U = exchange(ids_M, jnp.full((capacity,), n_local, jnp.int32), send_offsets, send_sizes, landing_YZ[me],
                    recv_sizes)  # rows no peer filled keep the "elsewhere" id: no expert runs them
-  ones_C1 = jnp.ones((capacity, 1), x_XD.dtype)
-  y_CD = apply_fn(rows_CD, ids_C[:, None], ones_C1, weights, n_local)
-  # Back the same way: my received slices (at landing_SR[:, me]) return to where each sender cut them.
-  back_MD = exchange(y_CD, jnp.zeros((m, y_CD.shape[1]), y_CD.dtype), landing_SR[:, me], recv_sizes,
-                     (jnp.cumsum(sizes_SR, axis=1) - sizes_SR)[:, me].astype(jnp.int32), send_sizes)
+  ones_U1 = jnp.ones((capacity, 1), x_XD.dtype)
+  y_UD = apply_fn(rows_UD, ids_U[:, None], ones_U1, weights, n_local)
+  # Back the same way: my received slices (at landing_YZ[:, me]) return to where each sender cut them.
+  back_MD = exchange(y_UD, jnp.zeros((m, y_UD.shape[1]), y_UD.dtype), landing_YZ[:, me], recv_sizes,
+                     (jnp.cumsum(sizes_YZ, axis=1) - sizes_YZ)[:, me].astype(jnp.int32), send_sizes)
   copies_XKD = jnp.zeros_like(back_MD).at[order_M].set(back_MD).reshape(x, k, -1)
   return jnp.einsum('xkd,xk->xd', copies_XKD, weights_XK.astype(copies_XKD.dtype))
 

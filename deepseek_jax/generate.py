@@ -5,11 +5,14 @@ loop runs in compiled chunks of steps (`lax.while_loop`, one compilation for a g
 budget; it ends early once every row is done): the whole budget at once, or one step at a time when a
 callback streams the tokens out.
 
-Speculative decoding with the MTP module (paper §2.2, §5.4.3): the MTP module drafts the token after next;
-one main-model forward over [next token, draft] verifies the draft and yields the token after it, so a step
-emits two tokens when the draft is kept and one otherwise. A rejected draft's cache entry is simply
-overwritten by the next step (the cache rolls back by not advancing). Acceptance follows the lossless rule
-of sampling.accept_draft, so greedy output is token for token the plain greedy output.
+Prefill and every step run the model's own trunk (`DeepSeekV3.forward` and `mtp_forward`) with a cache of the
+chosen form (cache.py). Speculative decoding with the MTP module (paper §2.2, §5.4.3): the MTP module drafts
+the token after next; one main-model forward over [next token, draft] verifies the draft and yields the token
+after it, so a step emits two tokens when the draft is kept and one otherwise. A rejected draft's cache entry
+is simply overwritten by the next step (the cache rolls back by not advancing). Acceptance follows the
+lossless rule of sampling.accept_draft, so greedy output is token for token the plain greedy output.
+
+Letters beyond model.py's key: J the emitted-token slots of a row (max_new_tokens + 1).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_jax import decode
+from deepseek_jax.cache import Cache, CacheForm
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.sampling import SamplingParams, accept_draft, sample
 
@@ -35,11 +38,11 @@ class Generation(NamedTuple):
 
 
 class _State(NamedTuple):
-  cache: dict
+  cache: Cache
   token_B: jax.Array  # the newest token, not yet run through the main model
   position_B: jax.Array  # its position
   key: jax.Array
-  out_BN: jax.Array  # emitted tokens
+  out_BJ: jax.Array  # emitted tokens
   count_B: jax.Array  # tokens emitted per row
   done_B: jax.Array
   draft_B: jax.Array  # speculative: the MTP draft for position + 1
@@ -50,32 +53,36 @@ class _State(NamedTuple):
 
 def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              params: SamplingParams = SamplingParams(), seed: int = 0, stop_tokens: Sequence[int] = (),
-             speculative: bool = False, cache_form: str = 'absorbed', cache_dtype=None, fp8_cache: bool = False,
+             speculative: bool = False, cache: CacheForm = CacheForm.ABSORBED, cache_dtype=None,
              on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
-  """Generates up to max_new_tokens after each prompt. `on_step(new_tokens_per_row)` streams each step."""
+  """Generates up to max_new_tokens after each prompt. `on_step(new_tokens_per_row)` streams each step.
+
+  cache: the KV cache form; cache_dtype: its dtype (default: the model's compute dtype). A model whose
+  Runtime unrolls its layers (scan_layers=False) decodes with per-layer weights (DeepSeekV3.unstacked)."""
   cfg = model.cfg
   prompts = [list(p) for p in prompts]
   _check(cfg, prompts, max_new_tokens, params, speculative)
   b, t = len(prompts), max(len(p) for p in prompts)
   lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
   tokens_BT = jnp.asarray([p + [0] * (t - len(p)) for p in prompts], jnp.int32)
-  cache = decode.init_cache(cfg, b, t + max_new_tokens + 2, cache_form, cache_dtype, fp8_cache)
   stops = tuple(int(s) for s in stop_tokens)
   # The model to decode with (per-layer weights when unrolled), split once and its GraphDef hashed once:
   # nnx.jit would walk the graph, and jax.jit would hash the GraphDef (~1 ms), on every call.
-  graphdef, weights = nnx.split(decode.unstack(model))
+  decoder = model if model.rt.scan_layers else model.unstacked()
+  kv_cache = decoder.init_cache(b, t + max_new_tokens + 2, cache, cache_dtype)
+  graphdef, weights = nnx.split(decoder)
   graphdef = _Static(graphdef)
-  state = _start(graphdef, weights, tokens_BT, lengths_B, cache, jax.random.key(seed), max_new_tokens, params,
+  state = _start(graphdef, weights, tokens_BT, lengths_B, kv_cache, jax.random.key(seed), max_new_tokens, params,
                  stops, speculative)
   # One device-to-host copy per call of what the host needs: the done flags, counts and tokens.
-  done, counts, out = jax.device_get((state.done_B, state.count_B, state.out_BN))
+  done, counts, out = jax.device_get((state.done_B, state.count_B, state.out_BJ))
   emitted, steps = [1] * b, 0
   if on_step is not None:
     on_step([[int(x)] for x in out[:, 0]])
   chunk = 1 if on_step is not None else max_new_tokens
   while not done.all():
     state, taken = _steps(graphdef, weights, state, chunk, params, stops, speculative)
-    taken, done, counts, out = jax.device_get((taken, state.done_B, state.count_B, state.out_BN))
+    taken, done, counts, out = jax.device_get((taken, state.done_B, state.count_B, state.out_BJ))
     steps += int(taken)
     if on_step is not None:
       on_step([out[r, emitted[r]:counts[r]].tolist() for r in range(b)])
@@ -134,10 +141,11 @@ def _start(graphdef, weights, tokens_BT, lengths_B, cache, key, max_new, params,
   model = _merge(graphdef, weights)
   b = tokens_BT.shape[0]
   rows_B = jnp.arange(b)
-  logits_BTW, hidden_BTD, cache = decode.prefill(model, tokens_BT, cache)
+  out = model.forward(tokens_BT, cache=cache)  # prefill: positions 0 .. T - 1 of every row
+  cache = out.cache
   key, first_key, draft_key = jax.random.split(key, 3)
-  token_B = sample(logits_BTW[rows_B, lengths_B - 1], first_key, params)
-  out_BN = jnp.zeros((b, max_new + 1), jnp.int32).at[:, 0].set(token_B)
+  token_B = sample(out.logits_BTW[rows_B, lengths_B - 1], first_key, params)
+  out_BJ = jnp.zeros((b, max_new + 1), jnp.int32).at[:, 0].set(token_B)
   done_B = _is_stop(token_B, stops) | (max_new <= 1)
   draft_B = jnp.zeros((b,), jnp.int32)
   draft_logits_BW = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)
@@ -145,12 +153,12 @@ def _start(graphdef, weights, tokens_BT, lengths_B, cache, key, max_new, params,
     # MTP position i reads token i + 1: the prompt shifted left, and the token just sampled after its end.
     shifted_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))
     next_BT = jnp.where(jnp.arange(tokens_BT.shape[1]) == (lengths_B - 1)[:, None], token_B[:, None], shifted_BT)
-    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    mtp_BTD, cache = decode.mtp(model, hidden_BTD, next_BT, positions_BT, cache, 'prefill')
-    draft_logits_BW = model.head(mtp_BTD[rows_B, lengths_B - 1]).astype(jnp.float32)
+    mtp = model.mtp_forward(next_BT, out.hidden_BTD, cache=cache)
+    cache = mtp.cache
+    draft_logits_BW = mtp.logits_PBTW[0, rows_B, lengths_B - 1].astype(jnp.float32)
     draft_B = sample(draft_logits_BW, draft_key, params)
   zero = jnp.zeros((), jnp.int32)
-  return _State(cache, token_B, lengths_B, key, out_BN, jnp.ones((b,), jnp.int32), done_B, draft_B,
+  return _State(cache, token_B, lengths_B, key, out_BJ, jnp.ones((b,), jnp.int32), done_B, draft_B,
                 draft_logits_BW, zero, zero)
 
 
@@ -170,39 +178,40 @@ def _steps(graphdef, weights, state: _State, n: int, params, stops, speculative)
 
 def _emit(state: _State, token_B, emit_B, stops):
   """Appends token to the rows where emit is set; a stop token or a full budget ends a row."""
-  max_new = state.out_BN.shape[1] - 1
+  max_new = state.out_BJ.shape[1] - 1
   rows_B = jnp.arange(token_B.shape[0])
   emit_B = emit_B & ~state.done_B
-  out_BN = state.out_BN.at[rows_B, jnp.where(emit_B, state.count_B, max_new)].set(
-      jnp.where(emit_B, token_B, state.out_BN[rows_B, max_new]))
+  out_BJ = state.out_BJ.at[rows_B, jnp.where(emit_B, state.count_B, max_new)].set(
+      jnp.where(emit_B, token_B, state.out_BJ[rows_B, max_new]))
   count_B = state.count_B + emit_B
   done_B = state.done_B | (emit_B & _is_stop(token_B, stops)) | (count_B >= max_new)
-  return state._replace(out_BN=out_BN, count_B=count_B, done_B=done_B)
+  return state._replace(out_BJ=out_BJ, count_B=count_B, done_B=done_B)
 
 
 def _plain_step(model, state: _State, params, stops) -> _State:
-  logits_BTW, _, cache = decode.decode(model, state.token_B[:, None], state.position_B[:, None], state.cache)
+  out = model.forward(state.token_B[:, None], state.position_B[:, None], state.cache)
   key, sample_key = jax.random.split(state.key)
-  token_B = sample(logits_BTW[:, 0], sample_key, params)
-  state = state._replace(cache=cache, key=key, token_B=token_B, position_B=state.position_B + 1)
+  token_B = sample(out.logits_BTW[:, 0], sample_key, params)
+  state = state._replace(cache=out.cache, key=key, token_B=token_B, position_B=state.position_B + 1)
   return _emit(state, token_B, jnp.ones_like(state.done_B), stops)
 
 
 def _speculative_step(model, state: _State, params, stops) -> _State:
   tokens_BT = jnp.stack([state.token_B, state.draft_B], axis=1)
   positions_BT = jnp.stack([state.position_B, state.position_B + 1], axis=1)
-  logits_BTW, hidden_BTD, cache = decode.decode(model, tokens_BT, positions_BT, state.cache)
+  out = model.forward(tokens_BT, positions_BT, state.cache)
   key, accept_key, next_key, draft_key = jax.random.split(state.key, 4)
-  accepted_B, first_B = accept_draft(logits_BTW[:, 0], state.draft_logits_BW, state.draft_B, accept_key, params)
-  second_B = sample(logits_BTW[:, 1], next_key, params)  # the token after a kept draft
+  accepted_B, first_B = accept_draft(out.logits_BTW[:, 0], state.draft_logits_BW, state.draft_B, accept_key,
+                                     params)
+  second_B = sample(out.logits_BTW[:, 1], next_key, params)  # the token after a kept draft
   # The MTP module at the two positions reads the tokens that follow them: valid as far as they were kept.
-  mtp_BTD, cache = decode.mtp(model, hidden_BTD, jnp.stack([first_B, second_B], axis=1), positions_BT, cache,
-                              'decode')
-  # Only the newest kept position drafts: one head product per row.
-  draft_logits_BW = model.head(jnp.where(accepted_B[:, None], mtp_BTD[:, 1], mtp_BTD[:, 0])).astype(jnp.float32)
+  mtp = model.mtp_forward(jnp.stack([first_B, second_B], axis=1), out.hidden_BTD, positions_BT, out.cache)
+  # The newest kept position drafts.
+  logits_BTW = mtp.logits_PBTW[0]
+  draft_logits_BW = jnp.where(accepted_B[:, None], logits_BTW[:, 1], logits_BTW[:, 0]).astype(jnp.float32)
   active_B = ~state.done_B
   state = state._replace(
-      cache=cache, key=key, token_B=jnp.where(accepted_B, second_B, first_B),
+      cache=mtp.cache, key=key, token_B=jnp.where(accepted_B, second_B, first_B),
       position_B=state.position_B + 1 + accepted_B, draft_logits_BW=draft_logits_BW,
       draft_B=sample(draft_logits_BW, draft_key, params), drafts=state.drafts + active_B.sum(),
       accepted=state.accepted + (accepted_B & active_B).sum())

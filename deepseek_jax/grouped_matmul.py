@@ -1,18 +1,20 @@
 """Dropless expert dispatch: routed token copies grouped by expert, one grouped matmul per expert weight.
 
-Letters beyond model.py's key: U dispatched rows, P / O the input / output features of an expert weight.
 `plan(experts_XK, E, impl)` is computed once per MoE layer; then `gather` lays the tokens out by expert,
-`matmul` multiplies each group by its expert's weight [E, P, O], and `combine` sums every token's K expert
+`matmul` multiplies each group by its expert's weight [E, A, O], and `combine` sums every token's K expert
 outputs with its gate weights. Work grows with the routed copies M = X * K, not with E:
 - 'ragged_dot' (TPU): copies sorted by expert, `jax.lax.ragged_dot` (a native grouped GEMM there). XLA:CPU
   expands ragged_dot into a dense masked product over every group (cost x E), so it is not used on CPU.
 - 'tiled' (CPU, GPU): each expert's copies padded to a multiple of a row tile; every tile multiplies by its
   expert's weight in one batched matmul. A custom VJP recomputes the per-tile weight gather in the backward
-  pass instead of storing it, and sums the weight gradient per expert. Work is (M + E * tile) * P * O with
+  pass instead of storing it, and sums the weight gradient per expert. Work is (M + E * tile) * A * O with
   tiles of 128-256 rows (XLA:CPU runs smaller batched matmuls far below its dense speed).
 - 'gather' (decoding): with a handful of copies, each multiplies by its own expert's gathered weight: work
-  M * P * O, no padding, weight reads M * P * O.
+  M * A * O, no padding, weight reads M * A * O.
 'auto' takes gather for M <= 4 E, else ragged_dot on TPU and tiled elsewhere.
+
+Letters beyond model.py's key: A / O the input / output features of an expert weight, Y row tiles, Z the rows
+of one tile.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.config import GMM_IMPLS as IMPLS
 from pallas_kernels.fp8_linear import fp8_grouped_linear
+
+IMPLS = ('auto', 'ragged_dot', 'tiled', 'gather')
 
 
 def resolve(impl: str, m: int, n_experts: int) -> str:
@@ -93,17 +96,17 @@ def gather(d: Dispatch, x_XD):
   return padded_XD[d.source_U]
 
 
-def matmul(d: Dispatch, rows_UP, w_EPO, recipe=None):
+def matmul(d: Dispatch, rows_UA, w_EAO, recipe=None):
   """rows of expert e times w[e]; with an FP8 recipe (tiled layout only) through the FP8 grouped GEMMs."""
   if recipe is not None:
     if d.impl != 'tiled':
       raise ValueError('the FP8 expert GEMMs need the tiled dispatch layout')
-    return fp8_grouped_linear(rows_UP, w_EPO, d.tile_expert, recipe)
+    return fp8_grouped_linear(rows_UA, w_EAO, d.tile_expert, recipe)
   if d.impl == 'ragged_dot':
-    return jax.lax.ragged_dot(rows_UP, w_EPO, d.group_sizes_E)
+    return jax.lax.ragged_dot(rows_UA, w_EAO, d.group_sizes_E)
   if d.impl == 'gather':
-    return jnp.einsum('mp,mpo->mo', rows_UP, w_EPO[d.tile_expert])
-  return tiled_matmul(rows_UP, w_EPO, d.tile_expert)
+    return jnp.einsum('ma,mao->mo', rows_UA, w_EAO[d.tile_expert])
+  return tiled_matmul(rows_UA, w_EAO, d.tile_expert)
 
 
 def combine(d: Dispatch, rows_UD, weights_XK):
@@ -114,37 +117,37 @@ def combine(d: Dispatch, rows_UD, weights_XK):
 
 
 @jax.custom_vjp
-def tiled_matmul(rows_UP, w_EPO, tile_expert):
+def tiled_matmul(rows_UA, w_EAO, tile_expert):
   n_tiles = tile_expert.shape[0]
-  tiles = rows_UP.reshape(n_tiles, -1, rows_UP.shape[-1])
-  return jnp.einsum('tbp,tpo->tbo', tiles, w_EPO[tile_expert]).reshape(rows_UP.shape[0], -1)
+  tiles_YZA = rows_UA.reshape(n_tiles, -1, rows_UA.shape[-1])
+  return jnp.einsum('yza,yao->yzo', tiles_YZA, w_EAO[tile_expert]).reshape(rows_UA.shape[0], -1)
 
 
-def _tiled_fwd(rows_UP, w_EPO, tile_expert):
-  return tiled_matmul(rows_UP, w_EPO, tile_expert), (rows_UP, w_EPO, tile_expert)
+def _tiled_fwd(rows_UA, w_EAO, tile_expert):
+  return tiled_matmul(rows_UA, w_EAO, tile_expert), (rows_UA, w_EAO, tile_expert)
 
 
 def _tiled_bwd(residuals, d_rows_UO):
-  rows_UP, w_EPO, tile_expert = residuals
+  rows_UA, w_EAO, tile_expert = residuals
   n_tiles = tile_expert.shape[0]
-  tiles = rows_UP.reshape(n_tiles, -1, rows_UP.shape[-1])
-  d_tiles = d_rows_UO.reshape(n_tiles, -1, d_rows_UO.shape[-1])
-  d_rows_UP = jnp.einsum('tbo,tpo->tbp', d_tiles, w_EPO[tile_expert]).reshape(rows_UP.shape)
-  d_w_tiles = jnp.einsum('tbp,tbo->tpo', tiles, d_tiles)
-  d_w_EPO = jax.ops.segment_sum(d_w_tiles, tile_expert, num_segments=w_EPO.shape[0], indices_are_sorted=True)
-  return d_rows_UP, d_w_EPO.astype(w_EPO.dtype), None
+  tiles_YZA = rows_UA.reshape(n_tiles, -1, rows_UA.shape[-1])
+  d_tiles_YZO = d_rows_UO.reshape(n_tiles, -1, d_rows_UO.shape[-1])
+  d_rows_UA = jnp.einsum('yzo,yao->yza', d_tiles_YZO, w_EAO[tile_expert]).reshape(rows_UA.shape)
+  d_w_YAO = jnp.einsum('yza,yzo->yao', tiles_YZA, d_tiles_YZO)
+  d_w_EAO = jax.ops.segment_sum(d_w_YAO, tile_expert, num_segments=w_EAO.shape[0], indices_are_sorted=True)
+  return d_rows_UA, d_w_EAO.astype(w_EAO.dtype), None
 
 
 tiled_matmul.defvjp(_tiled_fwd, _tiled_bwd)
 
 
-def reference_matmul(rows_MP, w_EPO, group_sizes_E):
+def reference_matmul(rows_MA, w_EAO, group_sizes_E):
   """The obviously-correct definition on expert-sorted rows (a masked loop over experts)."""
   ends_E = jnp.cumsum(group_sizes_E)
   starts_E = ends_E - group_sizes_E
-  index_M = jnp.arange(rows_MP.shape[0])
-  out = jnp.zeros((rows_MP.shape[0], w_EPO.shape[-1]), jnp.result_type(rows_MP, w_EPO))
-  for e in range(w_EPO.shape[0]):
+  index_M = jnp.arange(rows_MA.shape[0])
+  out = jnp.zeros((rows_MA.shape[0], w_EAO.shape[-1]), jnp.result_type(rows_MA, w_EAO))
+  for e in range(w_EAO.shape[0]):
     mine = (index_M >= starts_E[e]) & (index_M < ends_E[e])
-    out = jnp.where(mine[:, None], rows_MP @ w_EPO[e], out)
+    out = jnp.where(mine[:, None], rows_MA @ w_EAO[e], out)
   return out

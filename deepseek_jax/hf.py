@@ -1,4 +1,5 @@
-"""Hugging Face DeepSeek-V3 checkpoints: load into `DeepSeekV3`, save back (spec §6).
+"""Hugging Face DeepSeek-V3 checkpoints: load into `DeepSeekV3`, save back (the layout of deepseek-ai/DeepSeek-V3 on
+the hub).
 
 A checkpoint is config.json plus one or many safetensors files. Weights are fp32 / bf16, or DeepSeek FP8:
 float8_e4m3fn `weight` with an fp32 `weight_scale_inv` per 128x128 block (edge blocks partial), dequantized
@@ -19,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, Runtime
+from deepseek_jax.hf_config import from_hf, to_hf
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.safetensors_io import SafetensorsDir, write_dir, write_json
 from pallas_kernels.common import FP8
@@ -79,7 +81,7 @@ def checkpoint_layout(model: DeepSeekV3) -> dict[tuple, Source]:
   cfg = model.cfg
   # Logical (unpadded) shapes come from the same model with its weights in high precision.
   plain = dict(nnx.to_flat_state(nnx.state(nnx.eval_shape(
-      lambda: DeepSeekV3(cfg.replace(fp8_weights=False), nnx.Rngs(0))))))
+      lambda: DeepSeekV3(cfg, model.rt.replace(fp8_weights=False), nnx.Rngs(0))))))
   layout = {}
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     held_scale = path[-1].endswith('_scale')
@@ -119,29 +121,30 @@ def _source(path: tuple, shape: tuple[int, ...], cfg: ModelConfig) -> Source:
 # Loading --------------------------------------------------------------------------------------------
 
 
-def load_hf(path: str, dtype=jnp.float32, **config_overrides) -> tuple[ModelConfig, DeepSeekV3]:
-  """Reads a HF DeepSeek-V3 directory into (config, model) with params and activations in `dtype`.
+def load_hf(path: str, rt: Runtime = Runtime()) -> tuple[ModelConfig, DeepSeekV3]:
+  """Reads a HF DeepSeek-V3 directory into (config, model), run as `rt` says (e.g. config.BF16).
 
-  With `fp8_weights=True` the projections and experts keep FP8 codes and block scales: an FP8 checkpoint
-  loads without dequantizing (a high-precision one is quantized on load). Raises ValueError naming the
-  tensor for a missing, unknown, mis-shaped or wrongly typed tensor.
+  With rt.fp8_weights the projections and experts keep FP8 codes and block scales: an FP8 checkpoint loads
+  without dequantizing (a high-precision one is quantized on load). Raises ValueError naming the tensor for a
+  missing, unknown, mis-shaped or wrongly typed tensor.
+  NOTE: every stacked tensor is assembled in host memory and placed on one device, so the model must fit
+  both; sharded, streaming loading of the 671B checkpoints is not built yet.
   """
   with open(os.path.join(path, 'config.json')) as f:
     hf_config = json.load(f)
   _check_quantization(hf_config.get('quantization_config'))
   store = SafetensorsDir(path)
-  dtype_name = jnp.dtype(dtype).name
-  cfg = ModelConfig.from_hf(hf_config, param_dtype=dtype_name, dtype=dtype_name, **config_overrides)
+  cfg = from_hf(hf_config)
   # The MTP layers are optional in a checkpoint (transformers' save_pretrained drops them).
   present = sum(f'model.layers.{cfg.n_layers + k}.eh_proj.weight' in store for k in range(cfg.n_mtp_layers))
   cfg = cfg.replace(n_mtp_layers=present)
 
-  abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: DeepSeekV3(cfg, rt, nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   layout = checkpoint_layout(abstract)
   _check_unknown(store, layout, cfg)
   for path, variable in nnx.to_flat_state(state):
-    variable.set_value(jnp.asarray(_assemble(store, layout[path], variable.shape, variable.dtype, cfg)))
+    variable.set_value(jnp.asarray(_assemble(store, layout[path], variable.shape, variable.dtype, rt)))
   return cfg, nnx.merge(graphdef, state)
 
 
@@ -168,18 +171,18 @@ def _check_unknown(store: SafetensorsDir, layout: dict[tuple, Source], cfg: Mode
     raise ValueError(f'checkpoint tensor {unknown[0]!r}{more} does not belong to this model config')
 
 
-def _assemble(store: SafetensorsDir, source: Source, shape, dtype, cfg: ModelConfig) -> np.ndarray:
+def _assemble(store: SafetensorsDir, source: Source, shape, dtype, rt: Runtime) -> np.ndarray:
   out = np.zeros(shape, dtype)  # FP8 codes past the logical shape stay zero (the padding)
   for index in np.ndindex(*source.names.shape):
     if source.fp8:
-      out[index] = _held_fp8(store, source, index, cfg)
+      out[index] = _held_fp8(store, source, index, rt)
       continue
     tensor = read_tensor(store, source.names[index], source.shape[::-1] if source.transpose else source.shape)
     out[index] = tensor.T if source.transpose else tensor
   return out
 
 
-def _held_fp8(store: SafetensorsDir, source: Source, index, cfg: ModelConfig) -> np.ndarray:
+def _held_fp8(store: SafetensorsDir, source: Source, index, rt: Runtime) -> np.ndarray:
   """FP8 codes [in', out'] or block scales [in'/128, out'/128] of one weight, as stored or quantized now."""
   name = source.names[index]
   weight_name = name[:-len('_scale_inv')] if source.fp8 == 'scales' else name
@@ -192,7 +195,7 @@ def _held_fp8(store: SafetensorsDir, source: Source, index, cfg: ModelConfig) ->
     codes = np.zeros(tuple(-(-d // FP8_BLOCK) * FP8_BLOCK for d in source.shape), store.read(weight_name).dtype)
     codes[:source.shape[0], :source.shape[1]] = store.read(weight_name).T
     return codes
-  codes, scales = weight_quant(read_tensor(store, weight_name, stored).T, cfg.fp8_scale_fmt)
+  codes, scales = weight_quant(read_tensor(store, weight_name, stored).T, rt.fp8_scale_fmt)
   return np.asarray(scales if source.fp8 == 'scales' else codes)
 
 
@@ -240,8 +243,8 @@ def save_hf(cfg: ModelConfig, model: DeepSeekV3, path: str, max_shard_bytes: int
   if model.cfg != cfg:
     raise ValueError('save_hf: cfg differs from the config the model was built with')
   write_dir(path, _tensors(model), max_shard_bytes)
-  hf_config = cfg.to_hf()
-  if cfg.fp8_weights:
+  hf_config = to_hf(cfg, model.rt.param_dtype)
+  if model.rt.fp8_weights:
     hf_config['quantization_config'] = {'activation_scheme': 'dynamic', 'fmt': 'e4m3', 'quant_method': 'fp8',
                                         'weight_block_size': [FP8_BLOCK, FP8_BLOCK]}
   write_json(os.path.join(path, 'config.json'), hf_config)

@@ -1,7 +1,7 @@
-"""DeepSeekMoE layer: shared experts + fine-grained routed experts, dropless (spec §3.1, Eq. 12).
+"""DeepSeekMoE layer: shared experts + fine-grained routed experts, dropless (paper §2.1.2, Eq. 12-16).
 
 h' = shared_experts(u) + sum_k g_k * expert_{e_k}(u). Routed experts run on expert-sorted token copies
-through grouped matmuls (`grouped_matmul.gmm`), so the work grows with tokens x top-k and no expert ever sees
+through grouped matmuls (`grouped_matmul.matmul`), so the work grows with tokens x top-k and no expert ever sees
 a token it was not chosen for; nothing is dropped. The layer also returns what training needs from it
 (`MoEStats`): per-expert token counts for the bias update and the inputs of the sequence-wise balance loss.
 """
@@ -17,14 +17,14 @@ from flax import nnx
 
 from deepseek_jax import expert_parallel
 from deepseek_jax import grouped_matmul as gm
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, Runtime
 from deepseek_jax.layers import MLP, dequantize_weight, fp8_recipe, fp8_weight, normal_param
 from deepseek_jax.router import Gate, Routing
 
 
 class MoEStats(NamedTuple):
   """Routing statistics of one MoE layer call."""
-  counts_E: jax.Array  # int32 tokens routed to each expert over the whole batch (bias update, spec §3.3)
+  counts_E: jax.Array  # int32 tokens routed to each expert over the whole batch (the bias update, paper §2.1.2)
   load_BE: jax.Array  # f_i per sequence: (E / (K T)) * tokens of the sequence routed to expert i (Eq. 18)
   prob_BE: jax.Array  # P_i per sequence: mean over tokens of s_i / sum_j s_j (Eq. 19-20)
 
@@ -32,24 +32,24 @@ class MoEStats(NamedTuple):
 class RoutedExperts(nnx.Module):
   """E SwiGLU experts stacked as w1, w3 [E, dim, moe_inter_dim] and w2 [E, moe_inter_dim, dim]."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rt: Runtime, rngs: nnx.Rngs):
     e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
-    self.dtype = cfg.jnp_dtype
-    self.recipe = fp8_recipe(cfg)
+    self.dtype = rt.jnp_dtype
+    self.recipe = fp8_recipe(rt)
     # FP8 quantizes 128-row tiles: the tiled layout keeps every expert's rows in whole tiles.
-    self.gmm_impl = 'tiled' if self.recipe is not None else cfg.gmm_impl
-    self.ep_dispatch = cfg.ep_dispatch
+    self.gmm_impl = 'tiled' if self.recipe is not None else rt.gmm_impl
+    self.ep_dispatch = rt.ep_dispatch
     self.shapes = (('w1', (e, d, i)), ('w2', (e, i, d)), ('w3', (e, d, i)))  # static attributes stay hashable
     axes = {'w1': ('expert', 'embed', 'moe_mlp'), 'w2': ('expert', 'moe_mlp', 'embed'),
             'w3': ('expert', 'embed', 'moe_mlp')}
-    self.held_fp8 = cfg.fp8_weights
+    self.held_fp8 = rt.fp8_weights
     for name, shape in self.shapes:
-      if cfg.fp8_weights:
-        codes, scales = fp8_weight(rngs, shape, axes[name], cfg)
+      if rt.fp8_weights:
+        codes, scales = fp8_weight(rngs, shape, axes[name], cfg, rt)
         setattr(self, name, codes)
         setattr(self, name + '_scale', scales)
       else:
-        setattr(self, name, normal_param(rngs, shape, axes[name], cfg))
+        setattr(self, name, normal_param(rngs, shape, axes[name], cfg, rt))
 
   def weights(self):
     """(w1, w2, w3) as the matmuls take them: FP8 master weights raw (the FP8 path quantizes them itself),
@@ -84,11 +84,11 @@ class RoutedExperts(nnx.Module):
 class MoE(nnx.Module):
   """Gate + routed experts + shared experts (official names `gate`, `experts`, `shared_experts`)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.gate = Gate(cfg, rngs)
-    self.experts = RoutedExperts(cfg, rngs)
-    self.shared_experts = (MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, cfg, rngs, hidden_axis='moe_mlp')
-                           if cfg.n_shared_experts else None)
+  def __init__(self, cfg: ModelConfig, rt: Runtime, rngs: nnx.Rngs):
+    self.gate = Gate(cfg, rt, rngs)
+    self.experts = RoutedExperts(cfg, rt, rngs)
+    self.shared_experts = (MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, cfg, rt, rngs,
+                               hidden_axis='moe_mlp') if cfg.n_shared_experts else None)
 
   def __call__(self, x_BTD) -> tuple[jax.Array, MoEStats]:
     b, t, d = x_BTD.shape
@@ -101,7 +101,7 @@ class MoE(nnx.Module):
 
 
 def balance_stats(routing: Routing, batch: int, seq_len: int) -> MoEStats:
-  """Expert counts and the per-sequence f_i, P_i of the complementary balance loss (spec §3.4).
+  """Expert counts and the per-sequence f_i, P_i of the complementary balance loss (paper Eq. 17-20).
 
   f_i counts the experts actually chosen (with the bias), the reading of Eq. 18's indicator that matches
   what routing did; P_i carries the gradient, f_i has none.

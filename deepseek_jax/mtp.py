@@ -1,4 +1,4 @@
-"""Multi-Token Prediction module (spec §4, paper Eq. 21-25 in the checkpoint-compatible form of §4.2).
+"""Multi-Token Prediction module (paper §2.2, Eq. 21-25, in the form the released checkpoint expects).
 
 Depth k at position i combines the previous depth's representation h_i with the embedding of token i+k:
   x = eh_proj(concat[enorm(Emb(t_{i+k})), hnorm(h_i)])      (embedding FIRST, as the released eh_proj expects)
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.block import Block
-from deepseek_jax.config import ModelConfig
+from deepseek_jax.config import ModelConfig, Runtime
 from deepseek_jax.layers import Embed, Linear, RMSNorm
 from deepseek_jax.moe import MoEStats
 
@@ -24,26 +24,17 @@ from deepseek_jax.moe import MoEStats
 class MTP(nnx.Module):
   """One MTP depth: enorm, hnorm, eh_proj, a full block (layer id n_layers + k) and its head norm."""
 
-  def __init__(self, cfg: ModelConfig, depth: int, rngs: nnx.Rngs):
-    self.enorm = RMSNorm(cfg.dim, cfg)
-    self.hnorm = RMSNorm(cfg.dim, cfg)
-    self.eh_proj = Linear(2 * cfg.dim, cfg.dim, ('mtp_concat', 'embed'), cfg, rngs)
-    self.block = Block(cfg, cfg.n_layers + depth, rngs)
-    self.shared_head_norm = RMSNorm(cfg.dim, cfg)
+  def __init__(self, cfg: ModelConfig, rt: Runtime, depth: int, rngs: nnx.Rngs):
+    self.enorm = RMSNorm(cfg.dim, cfg, rt)
+    self.hnorm = RMSNorm(cfg.dim, cfg, rt)
+    self.eh_proj = Linear(2 * cfg.dim, cfg.dim, ('mtp_concat', 'embed'), cfg, rt, rngs)
+    self.block = Block(cfg, rt, cfg.n_layers + depth, rngs)
+    self.shared_head_norm = RMSNorm(cfg.dim, cfg, rt)
 
-  def __call__(self, h_BTD, next_tokens_BT, positions_BT, embed: Embed,
-               head: Linear) -> tuple[jax.Array, jax.Array, MoEStats | None]:
-    """Returns (normalised representation for the next depth, logits [B, T, vocab], block MoE stats)."""
-    x_BTD, stats = self.block(self._combine(h_BTD, next_tokens_BT, embed), positions_BT)
-    h_BTD = self.shared_head_norm(x_BTD)
-    return h_BTD, head(h_BTD), stats
-
-  def cached(self, method: str, h_BTD, next_tokens_BT, positions_BT, embed: Embed, cache):
-    """The same through the block's `prefill` or `decode` with this depth's cache: (normalised h, cache).
-    The caller applies the head where it needs logits (decoding needs one position of several)."""
-    x_BTD, cache = getattr(self.block, method)(self._combine(h_BTD, next_tokens_BT, embed), positions_BT, cache)
-    return self.shared_head_norm(x_BTD), cache
-
-  def _combine(self, h_BTD, next_tokens_BT, embed: Embed):
+  def __call__(self, h_BTD, next_tokens_BT, positions_BT, embed: Embed, head: Linear,
+               cache=None) -> tuple[jax.Array, jax.Array, MoEStats | None, object]:
+    """(normalised representation for the next depth, logits [B, T, vocab], block MoE stats, block cache)."""
     eh = jnp.concatenate([self.enorm(embed(next_tokens_BT)), self.hnorm(h_BTD)], axis=-1)  # [B, T, 2D]
-    return self.eh_proj(eh)
+    x_BTD, stats, cache = self.block(self.eh_proj(eh), positions_BT, cache)
+    h_BTD = self.shared_head_norm(x_BTD)
+    return h_BTD, head(h_BTD), stats, cache

@@ -3,7 +3,7 @@
 The MoE blocks are cut into the schedule's V chunks of equal depth; chunk c lives on device placement[c]
 (1F1B: chunk d on device d; DualPipeV: chunks d and 2P - 1 - d). The first chunk also runs the embedding
 and the dense blocks, the last chunk the final norm, output head, MTP modules and the loss, so under
-DualPipeV the embedding, the head and MTP all sit on device 0, as in DeepSeek-V3 (spec §3.2.3). Those
+DualPipeV the embedding, the head and MTP all sit on device 0, as in DeepSeek-V3 (paper §3.2.3). Those
 non-pipelined weights are stored like any other (FSDP over data x expert) and reach every stage; their
 gradients are summed over the stages.
 
@@ -36,9 +36,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax import loss
 from deepseek_jax import pipeline_schedules as ps
-from deepseek_jax.loss import LossTerms, balance_loss, output_terms
-from deepseek_jax.model import positions
+from deepseek_jax.model import MOE_LAYERS, MOE_STATS, positions
 
 OFF, MIDDLE, FIRST, LAST = range(4)  # branch of a forward / backward at a tick
 NONE, DOWN, UP, LOCAL = range(4)  # where a chunk's output goes: to device d + 1, d - 1, or this device
@@ -142,23 +142,24 @@ def _expert_specs(state: nnx.State, ep: int, layers: bool):
 
 def _split(state: nnx.State):
   """(the MoE stack's sub-state, the rest) of a params or router-bias state."""
-  moe = state['moe_layers'] if 'moe_layers' in state else None
-  return moe, nnx.State({k: v for k, v in state.items() if k != 'moe_layers'})
+  moe = state[MOE_LAYERS] if MOE_LAYERS in state else None
+  return moe, nnx.State({k: v for k, v in state.items() if k != MOE_LAYERS})
 
 
 def _join(rest: nnx.State, moe, like: nnx.State) -> nnx.State:
-  return nnx.State({k: (moe if k == 'moe_layers' else rest[k]) for k in like.keys()})
+  return nnx.State({k: (moe if k == MOE_LAYERS else rest[k]) for k in like.keys()})
 
 
 class ChunkOut(NamedTuple):
+  """A chunk's forward. counts: expert counts by MoE layer path, this chunk's MoE layers [layers per
+  chunk, E] and the MTP blocks' [E] (from the last chunk; zeros from the others)."""
   x_BTD: jax.Array  # the next chunk's input (zeros from the last chunk)
   terms: jax.Array  # [3]: this chunk's shares of the microbatch's ce, mtp and balance terms (their sum: its loss)
-  counts_LE: jax.Array  # this chunk's MoE layers' expert counts
-  mtp_counts_LE: jax.Array  # the MTP blocks' (last chunk only, else zeros)
+  counts: dict
 
 
 def pipeline_grads(graphdef, params: nnx.State, bias: nnx.State, tokens_NBS, hyper, mesh,
-                   schedule: str) -> tuple[nnx.State, LossTerms]:
+                   schedule: str) -> tuple[nnx.State, loss.LossTerms]:
   """Mean over the N microbatches of the loss gradient, and the loss terms, pipelined over mesh 'pipeline'."""
   n_devices, n_micro = mesh.shape['pipeline'], tokens_NBS.shape[0]
   plan = make_plan(schedule, n_devices, n_micro)
@@ -184,43 +185,48 @@ def pipeline_grads(graphdef, params: nnx.State, bias: nnx.State, tokens_NBS, hyp
     a = a.reshape(v, per_chunk, *a.shape[3:])
     return (a if identity else a[np.argsort(order)]).reshape(n_layers, *a.shape[2:])
 
-  abstract = nnx.merge(graphdef, params, bias)  # no compute: only to read the config and the MTP count
-  cfg = abstract.cfg
-  n_mtp_counts = cfg.n_mtp_layers if cfg.n_routed_experts else 0
+  abstract = nnx.merge(graphdef, params, bias)  # no compute: only to read the configs
+  cfg, rt = abstract.cfg, abstract.rt
+  # The expert counts the step returns, by MoE layer path (the whole model's, as loss_fn gives them).
+  count_shapes = jax.eval_shape(lambda p, b, t: loss.loss_fn(nnx.merge(graphdef, p, b), t).expert_counts,
+                                params, bias, tokens_NBS[0])
   n_shards = mesh.shape['data'] * mesh.shape['expert']  # each device's share of a microbatch
   ep = mesh.shape['expert']
   b, s = tokens_NBS.shape[1:]
   if b % n_shards:
     raise ValueError(f'microbatch size {b} does not divide by the mesh\'s data x expert = {n_shards} devices')
-  x_shape = jax.ShapeDtypeStruct((b // n_shards, s - 1, cfg.dim), cfg.jnp_dtype)
+  x_shape = jax.ShapeDtypeStruct((b // n_shards, s - 1, cfg.dim), rt.jnp_dtype)
   inv_micro = 1.0 / n_micro
+
+  def chunk_counts(counts: dict) -> dict:
+    """This chunk's counts in the step's keys: zeros for the layers it does not run."""
+    def shape(path):
+      return (per_chunk, cfg.n_routed_experts) if path == MOE_STATS else count_shapes[path].shape
+    return {path: counts.get(path, jnp.zeros(shape(path), jnp.int32)) for path in count_shapes}
 
   def chunk(branch: int, chunk_p, chunk_b, rest_p, rest_b, x_BTD, tokens_BS, hyper) -> ChunkOut:
     model = nnx.merge(graphdef, _join(rest_p, chunk_p, params), _join(rest_b, chunk_b, bias))
     inputs_BT, targets_BT = tokens_BS[:, :-1], tokens_BS[:, 1:]
     positions_BT = positions(inputs_BT)
     if branch == FIRST:
-      x_BTD = model.stem(inputs_BT, positions_BT)
-    x_BTD, stats = model.moe_blocks(x_BTD, positions_BT)
-    balance = hyper.balance_alpha * balance_loss(stats)
-    zero = jnp.zeros((), jnp.float32)
-    mtp_counts = jnp.zeros((n_mtp_counts, cfg.n_routed_experts), jnp.int32)
+      x_BTD, _ = model.stem(inputs_BT, positions_BT)
+    x_BTD, stats, _ = model.moe_blocks(x_BTD, positions_BT)
     if branch != LAST:
-      return ChunkOut(x_BTD, jnp.stack([zero, zero, balance]), stats.counts_E, mtp_counts)
-    ce, mtp, mtp_stats = output_terms(model, inputs_BT, targets_BT, model.norm(x_BTD), hyper.mtp_lambda)
-    if mtp_stats is not None:
-      balance = balance + hyper.balance_alpha * balance_loss(mtp_stats)
-      mtp_counts = mtp_stats.counts_E
-    return ChunkOut(jnp.zeros_like(x_BTD), jnp.stack([ce, mtp, balance]), stats.counts_E, mtp_counts)
+      zero = jnp.zeros((), jnp.float32)
+      balance = loss.balance(stats, hyper.balance_alpha)
+      counts = chunk_counts({path: s.counts_E for path, s in stats.items()})
+      return ChunkOut(x_BTD, jnp.stack([zero, zero, balance]), counts)
+    terms = loss.output_terms(model, model.outputs(x_BTD, stats), targets_BT, hyper.mtp_lambda,
+                              hyper.balance_alpha)
+    return ChunkOut(jnp.zeros_like(x_BTD), jnp.stack([terms.ce, terms.mtp, terms.balance]),
+                    chunk_counts(terms.expert_counts))
 
   def local(moe_p, moe_b, rest_p, rest_b, tokens_NBS, hyper, table):
     moe_p, moe_b = jax.tree.map(lambda a: a[0], (moe_p, moe_b))  # [local chunks, layers per chunk, ...]
     rows = table[:, jax.lax.axis_index('pipeline')]  # this device's [ticks, fields]
     take = lambda tree, j: jax.tree.map(lambda a: a[j], tree)
     zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
-    off = ChunkOut(zeros_x, jnp.zeros((3,), jnp.float32),
-                   jnp.zeros((per_chunk, cfg.n_routed_experts), jnp.int32),
-                   jnp.zeros((n_mtp_counts, cfg.n_routed_experts), jnp.int32))
+    off = ChunkOut(zeros_x, jnp.zeros((3,), jnp.float32), chunk_counts({}))
 
     def forward(branch):
       if branch == OFF:
@@ -254,10 +260,9 @@ def pipeline_grads(graphdef, params: nnx.State, bias: nnx.State, tokens_NBS, hyp
       g_rest = jax.tree.map(jnp.add, g_rest, d_rest)
       terms = terms + out.terms * inv_micro
       start = f['f_chunk'] * per_chunk
-      layer_counts = jax.lax.dynamic_slice_in_dim(counts, start, per_chunk) + out.counts_LE
-      counts = jax.lax.dynamic_update_slice_in_dim(counts, layer_counts, start, 0)
-      if n_mtp_counts:
-        counts = counts.at[n_layers:].add(out.mtp_counts_LE)
+      counts = {path: (jax.lax.dynamic_update_slice_in_dim(
+          total, jax.lax.dynamic_slice_in_dim(total, start, per_chunk) + out.counts[path], start, 0)
+                       if path == MOE_STATS else total + out.counts[path]) for path, total in counts.items()}
       # Activations and input gradients to the neighbours.
       pick = lambda send, x: jnp.where(send, x, jnp.zeros_like(x))
       down = jnp.stack([pick(f['f_send'] == DOWN, out.x_BTD), pick(f['b_send'] == DOWN, d_x)])
@@ -276,7 +281,7 @@ def pipeline_grads(graphdef, params: nnx.State, bias: nnx.State, tokens_NBS, hyp
     carry = (jnp.zeros((plan.act_slots,) + x_shape.shape, x_shape.dtype),
              jnp.zeros((plan.grad_slots,) + x_shape.shape, x_shape.dtype),
              jax.tree.map(jnp.zeros_like, moe_p), jax.tree.map(jnp.zeros_like, rest_p),
-             jnp.zeros((3,), jnp.float32), jnp.zeros((n_layers + n_mtp_counts, cfg.n_routed_experts), jnp.int32))
+             jnp.zeros((3,), jnp.float32), {path: jnp.zeros(s.shape, jnp.int32) for path, s in count_shapes.items()})
     (_, _, g_moe, g_rest, terms, counts), _ = jax.lax.scan(tick, carry, rows)
     # Each device differentiated the mean loss of its batch shard: sum the shards' gradients and divide.
     # Routed-expert weights already hold their whole expert group's gradient (the dispatch's all-gather
@@ -306,4 +311,4 @@ def pipeline_grads(graphdef, params: nnx.State, bias: nnx.State, tokens_NBS, hyp
   joined = _join(g_rest, jax.tree.map(from_devices, g_moe), params)
   grads = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(joined))
   ce, mtp, balance = terms[0], terms[1], terms[2]
-  return grads, LossTerms(ce + mtp + balance, ce, mtp, balance, counts if cfg.n_routed_experts else None)
+  return grads, loss.LossTerms(ce + mtp + balance, ce, mtp, balance, counts)

@@ -1,10 +1,13 @@
-"""Rotary position embedding with YaRN on interleaved pairs (spec §2.4).
+"""Rotary position embedding with YaRN on interleaved pairs (official inference/model.py `precompute_freqs_cis`,
+`apply_rotary_emb`; paper §2.1.1, §4.3).
 
 DeepSeek rotates the decoupled RoPE parts `q_pe` and `k_pe` as complex numbers (x[2j], x[2j+1]) — interleaved
 pairs, not the rotate-half layout — so the released `wq_b` / `wkv_a` rows load without permutation. YaRN
 stretches the low frequencies by `rope_factor` with a linear ramp between the correction dims of
 beta_fast and beta_slow; it is active when max_seq_len > original_seq_len, as in the official code. The
 matching softmax correction (mscale^2) lives in `ModelConfig.softmax_scale`.
+
+Letters beyond model.py's key: O the rotated pairs (R / 2).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ def inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 def apply_rope(x, positions_BT, cfg: ModelConfig):
   """Rotates the last axis of x [B, T, ..., R] by the angles of positions_BT, in float32."""
-  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg))
-  cos, sin = jnp.cos(angles_BTF), jnp.sin(angles_BTF)
+  angles_BTO = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq(cfg))
+  cos, sin = jnp.cos(angles_BTO), jnp.sin(angles_BTO)
   if cfg.yarn and cfg.rope_attention_factor != 1.0:
     cos, sin = cos * cfg.rope_attention_factor, sin * cfg.rope_attention_factor
   # Broadcast over any axes between T and the rotated one (the head axis of q_pe).

@@ -1,4 +1,4 @@
-"""Training schedules as functions of tokens seen (paper §4.2 and §5.1; spec §7).
+"""Training schedules as functions of tokens seen (paper §4.2 and §5.1).
 
 DeepSeek-V3 pre-training, in tokens:
   LR        0 -> 2.2e-4 linearly over the first 2K steps, constant to 10T, cosine down to 2.2e-5 over 4.3T,

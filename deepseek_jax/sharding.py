@@ -7,7 +7,7 @@ Mesh axes, outermost first:
               (ZeRO-3; optimizer moments follow their weights).
   'expert'    expert parallelism: each device holds n_routed_experts / size routed experts; everything else
               treats it as more data parallelism (batches and FSDP shards span data x expert), as DeepSeek-V3
-              runs attention data-parallel across the devices its experts are spread over (spec §3.4).
+              runs attention data-parallel across the devices its experts are spread over (paper §3.4).
 Every parameter carries `logical_axes` metadata (layers.normal_param); `RULES` maps each logical name to mesh
 axes. A dimension takes the longest leading run of its rule's axes whose device count divides its size and that
 no earlier dimension of the same array uses (routed-expert weights: 'expert' on the expert dimension, then

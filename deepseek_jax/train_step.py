@@ -1,10 +1,10 @@
 """One optimizer step: loss and gradients, AdamW, the aux-loss-free bias update, a non-finite guard.
 
 train_step = nnx.split -> jax.value_and_grad over the Params -> AdamW update under plain jax.jit. After the
-update, each MoE layer's RouterBias moves by the sign rule on the whole global batch's counts (spec §3.3):
-  b_i <- b_i + gamma * sign(mean_j load_j - load_i)
-outside autodiff and the optimizer. A step whose loss or gradient norm is not finite changes nothing but
-two counters (total skipped, current streak); the trainer stops on a long streak.
+update, each MoE layer's RouterBias moves by the sign rule on the whole global batch's counts
+(router.update_router_bias, paper §2.1.2), outside autodiff and the optimizer. A step whose loss or gradient
+norm is not finite changes nothing but two counters in the state (total skipped, current streak); the
+trainer stops when the streak reaches its limit.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flax import nnx
 from deepseek_jax.loss import loss_fn
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.pipeline import pipeline_grads
-from deepseek_jax.router import RouterBias
+from deepseek_jax.router import RouterBias, update_router_bias
 
 
 class TrainState(NamedTuple):
@@ -42,21 +42,6 @@ def init_train_state(model: DeepSeekV3, tx: optax.GradientTransformation) -> tup
   graphdef, params, bias = nnx.split(model, nnx.Param, RouterBias)
   # Two distinct counters: a train step donates its state, and one buffer cannot be donated twice.
   return graphdef, TrainState(params, bias, tx.init(params), jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
-
-
-def update_router_bias(bias: nnx.State, counts_LE, gamma) -> nnx.State:
-  """Sign-rule update of every RouterBias from its layer's counts (MoE layers in order, then MTP depths)."""
-  flat = sorted(nnx.to_flat_state(bias), key=lambda item: (item[0][0] != 'moe_layers', item[0]))
-  updated, offset = [], 0
-  for path, variable in flat:
-    n = variable.shape[0] if variable.ndim == 2 else 1
-    counts = counts_LE[offset:offset + n].reshape(variable.shape).astype(jnp.float32)
-    offset += n
-    step = gamma * jnp.sign(counts.mean(axis=-1, keepdims=True) - counts)
-    updated.append((path, variable.replace(variable[...] + step)))
-  if offset != (0 if counts_LE is None else counts_LE.shape[0]):
-    raise ValueError(f'update_router_bias: {offset} biased layers for {counts_LE.shape[0]} count rows')
-  return nnx.from_flat_state(updated)
 
 
 def _grads_and_terms(graphdef, params, bias, tokens_BS, hyper: Hyper):
@@ -93,16 +78,16 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = jax.tree.map(lambda p, u: (p - hyper.lr * u).astype(p.dtype), state.params, updates)
   bias = state.bias
-  if terms.expert_counts_LE is not None and len(nnx.to_flat_state(bias)):
-    bias = update_router_bias(bias, terms.expert_counts_LE, hyper.gamma)
+  if len(nnx.to_flat_state(bias)):
+    bias = update_router_bias(bias, terms.expert_counts, hyper.gamma)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
   new_state = TrainState(keep(params, state.params), keep(bias, state.bias), keep(opt_state, state.opt_state),
                          state.skipped + (~ok).astype(jnp.int32), jnp.where(ok, 0, state.streak + 1))
+  counts = {path: c.astype(jnp.float32) for path, c in terms.expert_counts.items()}
   metrics = {'loss': terms.total, 'ce': terms.ce, 'mtp': terms.mtp, 'balance': terms.balance,
-             'grad_norm': grad_norm, 'ok': ok}
-  if terms.expert_counts_LE is not None:
-    counts = terms.expert_counts_LE.astype(jnp.float32)
-    metrics['load_max_over_mean'] = counts.max(axis=-1) / counts.mean(axis=-1)
+             'grad_norm': grad_norm, 'ok': ok, 'skipped': new_state.skipped, 'streak': new_state.streak,
+             # per MoE layer path: the busiest expert's load over the mean load ([L] stacked, [] one layer)
+             'load_max_over_mean': {path: c.max(axis=-1) / c.mean(axis=-1) for path, c in counts.items()}}
   return new_state, metrics
 
 

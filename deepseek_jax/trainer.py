@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +24,10 @@ from flax import nnx
 
 from deepseek_jax import data, schedules, sharding
 from deepseek_jax.checkpoint import Checkpointer
-from deepseek_jax.config import PRESETS, ModelConfig
+from deepseek_jax.config import PRESETS, ModelConfig, Runtime
 from deepseek_jax.generate import generate
 from deepseek_jax.metrics import MetricsWriter, plot_loss_curve, read_metrics
-from deepseek_jax.model import DeepSeekV3
+from deepseek_jax.model import DeepSeekV3, moe_layer_ids
 from deepseek_jax.optimizer import adamw
 from deepseek_jax.train_step import Hyper, TrainState, eval_step, init_train_state, train_step
 
@@ -45,18 +44,29 @@ class TrainResult:
 
 
 def model_config(config) -> ModelConfig:
+  """The run's architecture: the preset with config.model_overrides, and the vocabulary of the tokenizer the
+  run trains (data.vocab_size) unless the data is pre-tokenized (then the preset's, or an override)."""
   overrides = dict(config.get('model_overrides', {}))
-  if 'quant' in config:
-    overrides['quant'] = config.quant
+  if config.data.source != 'tokens':
+    if 'vocab_size' in overrides and overrides['vocab_size'] != config.data.vocab_size:
+      raise ValueError(f'model_overrides.vocab_size={overrides["vocab_size"]} differs from data.vocab_size='
+                       f'{config.data.vocab_size}: the vocabulary is the tokenizer\'s the run trains; set '
+                       'data.vocab_size only')
+    overrides['vocab_size'] = config.data.vocab_size
   return PRESETS[config.model].replace(**overrides)
+
+
+def runtime(config) -> Runtime:
+  """How the run executes the model: config.runtime's fields (dtypes, remat, FP8 recipe, kernels, ...)."""
+  return Runtime(**dict(config.get('runtime', {})))
 
 
 def train(config, workdir: str) -> TrainResult:
   """Trains (or resumes) the run in `workdir` as `config` describes."""
-  cfg = model_config(config)
-  if cfg.fp8_weights:
-    raise ValueError('model fp8_weights holds weights as FP8 codes for inference; training needs the fp32 master '
-                     "weights (set quant='fp8' for the FP8 training recipe)")
+  cfg, rt = model_config(config), runtime(config)
+  if rt.fp8_weights:
+    raise ValueError('runtime.fp8_weights holds weights as FP8 codes for inference; training needs the fp32 '
+                     "master weights (set runtime.quant='fp8' for the FP8 training recipe)")
   workdir = os.path.abspath(workdir)  # orbax writes sharded arrays to absolute paths only
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0  # multi-host: process 0 writes the run's files, all write checkpoints
@@ -80,7 +90,7 @@ def train(config, workdir: str) -> TrainResult:
   tx = adamw(**dict(config.optimizer))
 
   def fresh_state():
-    return init_train_state(DeepSeekV3(cfg, nnx.Rngs(config.seed)), tx)
+    return init_train_state(DeepSeekV3(cfg, rt, nnx.Rngs(config.seed)), tx)
 
   graphdef, abstract_state = nnx.eval_shape(fresh_state)
   shardings = sharding.state_shardings(abstract_state, mesh)
@@ -110,7 +120,7 @@ def train(config, workdir: str) -> TrainResult:
   evaluate = lambda state: float(np.mean([float(eval_fn(state, data.host_batch(b, eval_BS))['ce'])
                                           for b in val_batches]))
 
-  pending, val_loss, streak = None, None, 0
+  pending, val_loss = None, None
   clock = _Clock(step, config.steps)
   with contextlib.ExitStack() as cleanup:
     # Traced under the mesh: the MoE layers see its 'expert' axis and dispatch over it (expert_parallel.py).
@@ -126,13 +136,13 @@ def train(config, workdir: str) -> TrainResult:
       step, tokens_seen = step + 1, tokens_seen + n_sequences * config.seq_len
       # Read the previous step's metrics only now, so the host never waits for the step it just dispatched.
       if pending is not None:
-        streak = _record(metrics, clock, config, *pending, streak)
+        _record(metrics, clock, config, cfg, *pending)
       val_loss = evaluate(state) if step % config.eval_every == 0 or step == config.steps else None
       pending = (step, step_metrics, hyper.lr, n_sequences * config.seq_len, val_loss)
       if step % config.checkpoint_every == 0:
         checkpoints.save(step, state, meta())
     if pending is not None:
-      _record(metrics, clock, config, *pending, streak)
+      _record(metrics, clock, config, cfg, *pending)
     if checkpoints.manager.latest_step() != step:
       checkpoints.save(step, state, meta())
     checkpoints.wait()
@@ -151,14 +161,14 @@ def train(config, workdir: str) -> TrainResult:
   return TrainResult(step, False, val_loss, sample)
 
 
-def restore_model(workdir: str) -> tuple[ModelConfig, DeepSeekV3, int]:
-  """The model of a training run's newest readable checkpoint: (config, model, step)."""
+def restore_model(workdir: str, rt: Runtime = Runtime()) -> tuple[ModelConfig, DeepSeekV3, int]:
+  """The model of a training run's newest readable checkpoint, run as `rt` says: (config, model, step)."""
   path = os.path.join(workdir, MODEL_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training run directory')
   with open(path) as f:
     cfg = ModelConfig(**json.load(f))
-  graphdef, abstract = nnx.eval_shape(lambda: init_train_state(DeepSeekV3(cfg, nnx.Rngs(0)), adamw()))
+  graphdef, abstract = nnx.eval_shape(lambda: init_train_state(DeepSeekV3(cfg, rt, nnx.Rngs(0)), adamw()))
   checkpoints = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
   one_device = sharding.state_shardings(abstract, sharding.make_mesh(data=1))  # whatever mesh trained it
   try:
@@ -206,33 +216,30 @@ def _hyper(config, tokens_seen: int) -> tuple[Hyper, int]:
   return hyper, n
 
 
-def _record(metrics, clock, config, step, step_metrics, lr, n_tokens, val_loss, streak) -> int:
+def _record(metrics, clock, config, cfg: ModelConfig, step, step_metrics, lr, n_tokens, val_loss) -> None:
   values = jax.device_get(step_metrics)
-  if values['ok']:
-    streak = 0
-  else:
-    streak += 1
+  if not values['ok']:
     logging.warning('step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped', step,
                     values['loss'], values['grad_norm'])
-    if streak >= config.max_nonfinite_streak:
-      raise FloatingPointError(f'{streak} consecutive steps with a non-finite loss or gradient (last: step {step});'
-                               ' the newest checkpoint holds the last good state')
-  loads = values.pop('load_max_over_mean', None)
+    if values['streak'] >= config.max_nonfinite_streak:  # TrainState.streak: it survives a restart
+      raise FloatingPointError(f'{values["streak"]} consecutive steps with a non-finite loss or gradient (last: '
+                               f'step {step}); the newest checkpoint holds the last good state')
+  # Per MoE layer, named by its layer id in the checkpoint (MTP depth k: layer n_layers + k).
+  loads = {layer: float(ratio) for path, ratios in values.pop('load_max_over_mean').items()
+           for layer, ratio in zip(moe_layer_ids(cfg, path), np.atleast_1d(ratios))}
   scalars = {**values, 'lr': float(lr)}
-  if loads is not None:
-    scalars.update({f'load_max_over_mean/layer{i}': x for i, x in enumerate(loads)})
+  scalars.update({f'load_max_over_mean/layer{layer}': loads[layer] for layer in sorted(loads)})
   if val_loss is not None:
     scalars['val_loss'] = val_loss
   scalars['step_seconds'] = clock.tick(n_tokens)
   metrics.write(step, scalars)
   if step % config.log_every == 0 or val_loss is not None or step == config.steps:
-    load_text = ' '.join(f'{x:.2f}' for x in loads) if loads is not None else '-'
+    load_text = ' '.join(f'{loads[layer]:.2f}' for layer in sorted(loads)) or '-'
     val_text = f' | val {val_loss:.4f}' if val_loss is not None else ''
     rate, eta = clock.report(step)
     logging.info('step %d/%d | loss %.4f (ce %.4f, mtp %.4f, balance %.2e)%s | %s tok/s | lr %.2e | grad norm %.3f'
                  ' | expert load max/mean %s | ETA %s', step, config.steps, values['loss'], values['ce'],
                  values['mtp'], values['balance'], val_text, rate, lr, values['grad_norm'], load_text, eta)
-  return streak
 
 
 def _sample(graphdef, state: TrainState, tokenizer, config) -> str:

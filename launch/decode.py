@@ -9,9 +9,10 @@ Streams the text of a single prompt as it is generated, then prints tokens/s (an
 import sys
 import time
 
-import jax.numpy as jnp
 from absl import app, flags, logging
 
+from deepseek_jax.cache import CacheForm
+from deepseek_jax.config import Runtime
 from deepseek_jax.generate import generate
 from deepseek_jax.hf import load_hf
 from deepseek_jax.sampling import SamplingParams
@@ -28,10 +29,13 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample from the k most likely tokens 
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set of tokens with this probability.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _SPECULATIVE = flags.DEFINE_enum('speculative', 'none', ['none', 'mtp'], 'Draft with the MTP module.')
-_CACHE = flags.DEFINE_enum('cache', 'absorbed', ['absorbed', 'naive', 'fp8'],
-                           'KV cache: the absorbed MLA latent, per-head K/V, or the latent in FP8.')
-_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Weights and activations (--hf_dir).')
+_CACHE = flags.DEFINE_enum('cache', CacheForm.ABSORBED.value, [form.value for form in CacheForm],
+                           'KV cache: the absorbed MLA latent, the latent in FP8, or per-head K/V (naive).')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['bfloat16', 'float32'],
+                           'Weights and activations (default: float32 for --workdir, bfloat16 for --hf_dir).')
 _FP8_WEIGHTS = flags.DEFINE_bool('fp8_weights', False, 'Keep an FP8 checkpoint in FP8 (--hf_dir).')
+_SCAN_LAYERS = flags.DEFINE_bool('scan_layers', True, 'Scan the stacked layers; --noscan_layers decodes with '
+                                 'per-layer weights (faster for small models on CPU, compile time ~ depth).')
 
 
 def main(argv):
@@ -40,12 +44,16 @@ def main(argv):
     raise app.UsageError('give exactly one of --workdir and --hf_dir')
   if bool(_PROMPT.value is not None) == bool(_PROMPT_FILE.value):
     raise app.UsageError('give exactly one of --prompt and --prompt_file')
+  dtype = _DTYPE.value or ('float32' if _WORKDIR.value else 'bfloat16')
+  rt = Runtime(param_dtype=dtype, dtype=dtype, fp8_weights=_FP8_WEIGHTS.value, scan_layers=_SCAN_LAYERS.value)
   if _WORKDIR.value:
-    cfg, model, step = restore_model(_WORKDIR.value)
+    if _FP8_WEIGHTS.value:
+      raise app.UsageError('--fp8_weights holds an official FP8 checkpoint as FP8: use it with --hf_dir')
+    _, model, step = restore_model(_WORKDIR.value, rt)
     codec = run_codec(_WORKDIR.value)
     logging.info('restored step %d of %s', step, _WORKDIR.value)
   else:
-    cfg, model = load_hf(_HF_DIR.value, dtype=jnp.dtype(_DTYPE.value), fp8_weights=_FP8_WEIGHTS.value)
+    _, model = load_hf(_HF_DIR.value, rt)
     codec = hf_codec(_HF_DIR.value)
   if _PROMPT_FILE.value:
     with open(_PROMPT_FILE.value) as f:
@@ -72,8 +80,7 @@ def main(argv):
   start = time.perf_counter()
   result = generate(model, prompts, _MAX_NEW.value, SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
                     seed=_SEED.value, stop_tokens=codec.stop_ids, speculative=_SPECULATIVE.value == 'mtp',
-                    cache_form='naive' if _CACHE.value == 'naive' else 'absorbed', fp8_cache=_CACHE.value == 'fp8',
-                    on_step=on_step)
+                    cache=CacheForm(_CACHE.value), on_step=on_step)
   if len(prompts) > 1:
     for text, tokens in zip(texts, result.tokens):
       print(f'{text}{codec.decode(tokens)}\n---')

@@ -21,8 +21,8 @@ def reference(x_MK, scale_fmt: str = 'f32'):
   """Pure-jnp act_quant on K that is a multiple of 128: (q [M, K], scale [M, K/128])."""
   m, k = x_MK.shape
   tiles = x_MK.astype(jnp.float32).reshape(m, k // BLOCK, BLOCK)
-  scale_MC = common.scale_from_amax(jnp.max(jnp.abs(tiles), axis=-1), scale_fmt)
-  return common.to_fp8(tiles, scale_MC[..., None]).reshape(m, k), scale_MC
+  scale_MY = common.scale_from_amax(jnp.max(jnp.abs(tiles), axis=-1), scale_fmt)
+  return common.to_fp8(tiles, scale_MY[..., None]).reshape(m, k), scale_MY
 
 
 def _kernel(x_ref, q_ref, s_ref, *, scale_fmt):

@@ -25,24 +25,24 @@ from pallas_kernels.common import BLOCK
 F32 = jnp.float32
 
 
-def reference(a_MK, sa_MC, b_KN, sb_CN, out_dtype=F32):
+def reference(a_MK, sa_MY, b_KN, sb_YN, out_dtype=F32):
   """The kernel's arithmetic in jnp: per-block fp32 partial products, scaled and summed in block order."""
   m, k = a_MK.shape
   n = b_KN.shape[1]
   c = k // BLOCK
-  partial_CMN = jnp.einsum('mcb,cbn->cmn', a_MK.astype(F32).reshape(m, c, BLOCK), b_KN.astype(F32).reshape(c, BLOCK, n),
-                           precision=jax.lax.Precision.HIGHEST)
-  scaled_CMN = partial_CMN * sa_MC.T[:, :, None] * sb_CN[:, None, :]
-  out = scaled_CMN[0]
+  partial_YMN = jnp.einsum('myo,yon->ymn', a_MK.astype(F32).reshape(m, c, BLOCK),
+                           b_KN.astype(F32).reshape(c, BLOCK, n), precision=jax.lax.Precision.HIGHEST)
+  scaled_YMN = partial_YMN * sa_MY.T[:, :, None] * sb_YN[:, None, :]
+  out = scaled_YMN[0]
   for i in range(1, c):
-    out = out + scaled_CMN[i]
+    out = out + scaled_YMN[i]
   return out.astype(out_dtype)
 
 
-def xla(a_MK, sa_MC, b_KN, sb_CN, out_dtype=F32):
+def xla(a_MK, sa_MY, b_KN, sb_YN, out_dtype=F32):
   """Dequantize to fp32, one fp32 matmul (HIGHEST: no bf16 rounding of the inputs on TPU)."""
-  a = (a_MK.astype(F32).reshape(a_MK.shape[0], -1, BLOCK) * sa_MC[..., None]).reshape(a_MK.shape)
-  b = (b_KN.astype(F32).reshape(-1, BLOCK, b_KN.shape[1]) * sb_CN[:, None, :]).reshape(b_KN.shape)
+  a = (a_MK.astype(F32).reshape(a_MK.shape[0], -1, BLOCK) * sa_MY[..., None]).reshape(a_MK.shape)
+  b = (b_KN.astype(F32).reshape(-1, BLOCK, b_KN.shape[1]) * sb_YN[:, None, :]).reshape(b_KN.shape)
   return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32).astype(out_dtype)
 
 
@@ -92,7 +92,7 @@ def default_upcast(target: str):
   return jnp.bfloat16
 
 
-def pallas(a_MK, sa_CM1, b_KN, sb_C1N, out_dtype=F32, *, interpret: bool = False, target: str | None = None,
+def pallas(a_MK, sa_YM1, b_KN, sb_Y1N, out_dtype=F32, *, interpret: bool = False, target: str | None = None,
            block_m: int = 256, block_n: int = 256, block_k: int = 512, upcast='default'):
   """Kernel layouts: sa [K/128, M, 1], sb [K/128, 1, N]; M, N, K multiples of 128."""
   m, k = a_MK.shape
@@ -114,7 +114,7 @@ def pallas(a_MK, sa_CM1, b_KN, sb_C1N, out_dtype=F32, *, interpret: bool = False
         out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
         out_shape=out_shape, compiler_params=common.compiler_params(True, parallel=2), interpret=interpret,
         name='fp8_block_gemm',
-    )(a_MK, sa_CM1, b_KN, sb_C1N)
+    )(a_MK, sa_YM1, b_KN, sb_Y1N)
   bm, bn, bk = common.pick_block(m, block_m), common.pick_block(n, block_n), common.pick_block(k, block_k)
   from jax.experimental.pallas import tpu as pltpu
   return pl.pallas_call(
@@ -130,14 +130,14 @@ def pallas(a_MK, sa_CM1, b_KN, sb_C1N, out_dtype=F32, *, interpret: bool = False
       compiler_params=common.compiler_params(False, parallel=2, arbitrary=1),
       interpret=interpret,
       name='fp8_block_gemm',
-  )(a_MK, sa_CM1, b_KN, sb_C1N)
+  )(a_MK, sa_YM1, b_KN, sb_Y1N)
 
 
-def gemm(a_MK, sa_MC, b_KN, sb_CN, out_dtype=F32, impl: str = 'xla'):
+def gemm(a_MK, sa_MY, b_KN, sb_YN, out_dtype=F32, impl: str = 'xla'):
   """Block-scaled product of canonical-layout operands. M is padded to a multiple of 128 for the kernels."""
   if impl == 'xla':
-    return xla(a_MK, sa_MC, b_KN, sb_CN, out_dtype)
+    return xla(a_MK, sa_MY, b_KN, sb_YN, out_dtype)
   m = a_MK.shape[0]
-  a_MK, sa_MC = common.pad_axis(a_MK, 0), common.pad_axis(sa_MC, 0)
-  out = pallas(a_MK, sa_MC.T[..., None], b_KN, sb_CN[:, None, :], out_dtype, interpret=common.is_interpret(impl))
+  a_MK, sa_MY = common.pad_axis(a_MK, 0), common.pad_axis(sa_MY, 0)
+  out = pallas(a_MK, sa_MY.T[..., None], b_KN, sb_YN[:, None, :], out_dtype, interpret=common.is_interpret(impl))
   return out[:m]

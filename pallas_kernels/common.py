@@ -1,4 +1,4 @@
-"""FP8 conventions shared by every kernel: the DeepSeek-V3 recipe's formats (paper §3.3, spec §5).
+"""FP8 conventions shared by every kernel: the DeepSeek-V3 recipe's formats (paper §3.3).
 
 - float8_e4m3fn values, |x| <= 448. One fp32 scale per 1x128 tile of an activation row and per 128x128 block
   of a weight; scale = max(amax, 1e-4) / 448 (the floor of the official act_quant), optionally rounded up to
@@ -6,8 +6,13 @@
   (|x| >= 464 becomes NaN), and x / s, not x * (1 / s), so kernels and references agree bit for bit.
 - Kernel-side scale layouts put the 128-block index of the contraction dim first with a trailing singleton
   axis, [K/128, M, 1] for activations and [K/128, 1, N] for weights, which satisfies both the TPU (8, 128)
-  block rule and Triton's power-of-two rule (pallas.md §3.8). The public wrappers speak the canonical
+  block rule and Triton's power-of-two rule for block shapes. The public wrappers speak the canonical
   [M, K/128] and [K/128, N/128] layouts.
+
+Letters in this package (its own, independent of the model's key): M rows of an activation, K the contraction
+dimension, N output features, E experts, U rows laid out by expert; Y the 128-blocks of the contraction
+dimension and Z those of N (scale arrays); in einsums O an offset inside a 128-block, J the row tiles of a
+grouped GEMM and R the rows of one tile.
 """
 
 from __future__ import annotations
@@ -71,9 +76,9 @@ def pick_block(size: int, preferred: int, quantum: int = BLOCK, pow2: bool = Fal
   return candidates[-1]
 
 
-def expand_block_scales(scale_CG, n: int):
+def expand_block_scales(scale_YZ, n: int):
   """128x128 block scales [K/128, N/128] -> per-column [K/128, N] (a weight block's scale for each column)."""
-  return jnp.repeat(scale_CG, BLOCK, axis=1)[:, :n]
+  return jnp.repeat(scale_YZ, BLOCK, axis=1)[:, :n]
 
 
 IMPLS = ('auto', 'pallas', 'interpret', 'xla')

@@ -84,17 +84,17 @@ fp8_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def fp8_linear_frozen(x, wq_KN, ws_CG, n_out: int, recipe: Recipe = Recipe()):
+def fp8_linear_frozen(x, wq_KN, ws_YZ, n_out: int, recipe: Recipe = Recipe()):
   """x @ W for W held in FP8 (q [K', N'] padded to 128 multiples, scales [K'/128, N'/128]); no dW."""
   impl = recipe.kernels()
   xq, xs = act_quant(_rows(x, 8), recipe.scale_fmt, impl)
-  y = gemm(xq, xs, wq_KN, common.expand_block_scales(ws_CG, wq_KN.shape[1]), x.dtype, impl)
+  y = gemm(xq, xs, wq_KN, common.expand_block_scales(ws_YZ, wq_KN.shape[1]), x.dtype, impl)
   return y[:x.size // x.shape[-1], :n_out].reshape(*x.shape[:-1], n_out)
 
 
-def _frozen_fwd(x, wq_KN, ws_CG, n_out, recipe):
+def _frozen_fwd(x, wq_KN, ws_YZ, n_out, recipe):
   # A zero-size array carries x's feature count (a static int) through the residuals.
-  return fp8_linear_frozen(x, wq_KN, ws_CG, n_out, recipe), (wq_KN, ws_CG, jnp.zeros((0, x.shape[-1])))
+  return fp8_linear_frozen(x, wq_KN, ws_YZ, n_out, recipe), (wq_KN, ws_YZ, jnp.zeros((0, x.shape[-1])))
 
 
 def _frozen_bwd(n_out, recipe, residuals, dy):

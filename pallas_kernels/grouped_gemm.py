@@ -28,31 +28,31 @@ def _tiles(x, n_tiles):
   return x.reshape(n_tiles, -1, *x.shape[1:])
 
 
-def dequantize_rows(q_UK, s_UC):
-  return (q_UK.astype(F32).reshape(q_UK.shape[0], -1, BLOCK) * s_UC[..., None]).reshape(q_UK.shape)
+def dequantize_rows(q_UK, s_UY):
+  return (q_UK.astype(F32).reshape(q_UK.shape[0], -1, BLOCK) * s_UY[..., None]).reshape(q_UK.shape)
 
 
-def dequantize_weights(q_EKN, s_ECN):
+def dequantize_weights(q_EKN, s_EYN):
   e, k, n = q_EKN.shape
-  return (q_EKN.astype(F32).reshape(e, -1, BLOCK, n) * s_ECN[:, :, None, :]).reshape(e, k, n)
+  return (q_EKN.astype(F32).reshape(e, -1, BLOCK, n) * s_EYN[:, :, None, :]).reshape(e, k, n)
 
 
 # Forward / input gradient -----------------------------------------------------------------------------
 
 
-def gemm_reference(a_UK, sa_UC, w_EKN, sw_ECN, tile_expert, out_dtype=F32):
+def gemm_reference(a_UK, sa_UY, w_EKN, sw_EYN, tile_expert, out_dtype=F32):
   """Per tile: the block-scaled sum of block_gemm.reference, in jnp."""
   from pallas_kernels.block_gemm import reference
   n_tiles = tile_expert.shape[0]
-  rows = [reference(a, sa, w_EKN[e], sw_ECN[e], out_dtype)
-          for a, sa, e in zip(_tiles(a_UK, n_tiles), _tiles(sa_UC, n_tiles), list(tile_expert))]
+  rows = [reference(a, sa, w_EKN[e], sw_EYN[e], out_dtype)
+          for a, sa, e in zip(_tiles(a_UK, n_tiles), _tiles(sa_UY, n_tiles), list(tile_expert))]
   return jnp.concatenate(rows)
 
 
-def gemm_xla(a_UK, sa_UC, w_EKN, sw_ECN, tile_expert, out_dtype=F32):
-  a = _tiles(dequantize_rows(a_UK, sa_UC), tile_expert.shape[0])
-  w = dequantize_weights(w_EKN, sw_ECN)[tile_expert]
-  out = jnp.einsum('tbk,tkn->tbn', a, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32)
+def gemm_xla(a_UK, sa_UY, w_EKN, sw_EYN, tile_expert, out_dtype=F32):
+  a = _tiles(dequantize_rows(a_UK, sa_UY), tile_expert.shape[0])
+  w = dequantize_weights(w_EKN, sw_EYN)[tile_expert]
+  out = jnp.einsum('jrk,jkn->jrn', a, w, precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32)
   return out.reshape(a_UK.shape[0], -1).astype(out_dtype)
 
 
@@ -61,7 +61,7 @@ def _gemm_kernel(te_ref, *refs, upcast):
   kgrid_kernel(*refs, upcast=upcast)
 
 
-def gemm_pallas(a_UK, sa_CU1, w_EKN, sw_EC1N, tile_expert, out_dtype=F32, *, interpret=False, block_n=256,
+def gemm_pallas(a_UK, sa_YU1, w_EKN, sw_EY1N, tile_expert, out_dtype=F32, *, interpret=False, block_n=256,
                 block_k=512, upcast='default'):
   """TPU kernel; kernel scale layouts sa [K/128, U, 1], sw [E, K/128, 1, N]."""
   from jax.experimental.pallas import tpu as pltpu
@@ -85,21 +85,21 @@ def gemm_pallas(a_UK, sa_CU1, w_EKN, sw_EC1N, tile_expert, out_dtype=F32, *, int
       out_shape=jax.ShapeDtypeStruct((u, n), out_dtype),
       compiler_params=common.compiler_params(False, parallel=2, arbitrary=1), interpret=interpret,
       name='fp8_grouped_gemm',
-  )(tile_expert, a_UK, sa_CU1, w_EKN, sw_EC1N)
+  )(tile_expert, a_UK, sa_YU1, w_EKN, sw_EY1N)
 
 
-def grouped_gemm(a_UK, sa_UC, w_EKN, sw_ECN, tile_expert, out_dtype=F32, impl: str = 'xla'):
+def grouped_gemm(a_UK, sa_UY, w_EKN, sw_EYN, tile_expert, out_dtype=F32, impl: str = 'xla'):
   """Canonical layouts: sa [U, K/128], sw [E, K/128, N] (per-column expansion of the 128x128 scales)."""
   if impl == 'xla' or (impl == 'pallas' and jax.default_backend() == 'gpu'):
-    return gemm_xla(a_UK, sa_UC, w_EKN, sw_ECN, tile_expert, out_dtype)
-  return gemm_pallas(a_UK, sa_UC.T[..., None], w_EKN, sw_ECN[:, :, None, :], tile_expert, out_dtype,
+    return gemm_xla(a_UK, sa_UY, w_EKN, sw_EYN, tile_expert, out_dtype)
+  return gemm_pallas(a_UK, sa_UY.T[..., None], w_EKN, sw_EYN[:, :, None, :], tile_expert, out_dtype,
                      interpret=common.is_interpret(impl))
 
 
 # Weight gradient ----------------------------------------------------------------------------------------
 
 
-def wgrad_reference(at_KU, sat_KC, b_UN, sb_CN, tile_expert, n_experts: int):
+def wgrad_reference(at_KU, sat_KY, b_UN, sb_YN, tile_expert, n_experts: int):
   """dw[e] = sum over e's tiles of block-scaled a^T[:, tile] @ b[tile, :], tile by tile in jnp."""
   from pallas_kernels.block_gemm import reference
   n_tiles = tile_expert.shape[0]
@@ -108,15 +108,15 @@ def wgrad_reference(at_KU, sat_KC, b_UN, sb_CN, tile_expert, n_experts: int):
   for t, e in enumerate(list(tile_expert)):
     rows = slice(t * tile, (t + 1) * tile)
     blocks = slice(t * tile // BLOCK, (t + 1) * tile // BLOCK)
-    out = out.at[e].add(reference(at_KU[:, rows], sat_KC[:, blocks], b_UN[rows], sb_CN[blocks]))
+    out = out.at[e].add(reference(at_KU[:, rows], sat_KY[:, blocks], b_UN[rows], sb_YN[blocks]))
   return out
 
 
-def wgrad_xla(at_KU, sat_KC, b_UN, sb_CN, tile_expert, n_experts: int):
+def wgrad_xla(at_KU, sat_KY, b_UN, sb_YN, tile_expert, n_experts: int):
   n_tiles = tile_expert.shape[0]
-  a = _tiles(dequantize_rows(at_KU, sat_KC).T, n_tiles)  # [T, tile, K]
-  b = _tiles((b_UN.astype(F32).reshape(-1, BLOCK, b_UN.shape[1]) * sb_CN[:, None, :]).reshape(b_UN.shape), n_tiles)
-  per_tile = jnp.einsum('tbk,tbn->tkn', a, b, precision=jax.lax.Precision.HIGHEST)
+  a = _tiles(dequantize_rows(at_KU, sat_KY).T, n_tiles)  # [T, tile, K]
+  b = _tiles((b_UN.astype(F32).reshape(-1, BLOCK, b_UN.shape[1]) * sb_YN[:, None, :]).reshape(b_UN.shape), n_tiles)
+  per_tile = jnp.einsum('jrk,jrn->jkn', a, b, precision=jax.lax.Precision.HIGHEST)
   return jax.ops.segment_sum(per_tile, tile_expert, num_segments=n_experts, indices_are_sorted=True)
 
 
@@ -137,7 +137,7 @@ def _wgrad_kernel(te_ref, at_ref, sat_ref, b_ref, sb_ref, o_ref, acc_ref, *, upc
     o_ref[...] = acc_ref[...]
 
 
-def wgrad_pallas(at_KU, sat_CK1, b_UN, sb_C1N, tile_expert, n_experts: int, *, interpret=False, block_k=256,
+def wgrad_pallas(at_KU, sat_YK1, b_UN, sb_Y1N, tile_expert, n_experts: int, *, interpret=False, block_k=256,
                  block_n=256, upcast='default'):
   """TPU kernel; kernel scale layouts sat [U/128, K, 1], sb [U/128, 1, N]. Unvisited experts hold garbage."""
   from jax.experimental.pallas import tpu as pltpu
@@ -161,14 +161,14 @@ def wgrad_pallas(at_KU, sat_CK1, b_UN, sb_C1N, tile_expert, n_experts: int, *, i
       out_shape=jax.ShapeDtypeStruct((n_experts, k, n), F32),
       compiler_params=common.compiler_params(False, parallel=2, arbitrary=1), interpret=interpret,
       name='fp8_grouped_wgrad',
-  )(tile_expert, at_KU, sat_CK1, b_UN, sb_C1N)
+  )(tile_expert, at_KU, sat_YK1, b_UN, sb_Y1N)
 
 
-def grouped_wgrad(at_KU, sat_KC, b_UN, sb_CN, tile_expert, n_experts: int, impl: str = 'xla'):
+def grouped_wgrad(at_KU, sat_KY, b_UN, sb_YN, tile_expert, n_experts: int, impl: str = 'xla'):
   """dW [E, K, N] in fp32 from a^T [K, U] (scales [K, U/128]) and b [U, N] (scales [U/128, N])."""
   if impl == 'xla' or (impl == 'pallas' and jax.default_backend() == 'gpu'):
-    return wgrad_xla(at_KU, sat_KC, b_UN, sb_CN, tile_expert, n_experts)
-  out = wgrad_pallas(at_KU, sat_KC.T[..., None], b_UN, sb_CN[:, None, :], tile_expert, n_experts,
+    return wgrad_xla(at_KU, sat_KY, b_UN, sb_YN, tile_expert, n_experts)
+  out = wgrad_pallas(at_KU, sat_KY.T[..., None], b_UN, sb_YN[:, None, :], tile_expert, n_experts,
                      interpret=common.is_interpret(impl))
   visited_E = jnp.bincount(tile_expert, length=n_experts) > 0  # the kernel never writes the others
   return jnp.where(visited_E[:, None, None], out, 0.0)

@@ -17,9 +17,9 @@ from pallas_kernels import act_quant, common
 from pallas_kernels.common import BLOCK, FP8
 
 
-def reference(q_MK, scale_MC, scale_fmt: str = 'f32'):
+def reference(q_MK, scale_MY, scale_fmt: str = 'f32'):
   """(q^T [K, M], scale [K, M/128]) from 1x128-quantized q [M, K], M and K multiples of 128."""
-  return act_quant.reference(act_quant.dequantize(q_MK, scale_MC).T, scale_fmt)
+  return act_quant.reference(act_quant.dequantize(q_MK, scale_MY).T, scale_fmt)
 
 
 def _kernel(q_ref, s_ref, qt_ref, st_ref, *, scale_fmt):
@@ -31,7 +31,7 @@ def _kernel(q_ref, s_ref, qt_ref, st_ref, *, scale_fmt):
   st_ref[...] = scale.T[..., None]  # [bm/128, bk, 1]
 
 
-def pallas(q_MK, scale_CM1, scale_fmt: str = 'f32', *, interpret: bool = False, target: str | None = None,
+def pallas(q_MK, scale_YM1, scale_fmt: str = 'f32', *, interpret: bool = False, target: str | None = None,
            block: int = 512):
   """Kernel layouts in and out: scale [K/128, M, 1] -> (q^T [K, M], scale [M/128, K, 1])."""
   m, k = q_MK.shape
@@ -49,12 +49,12 @@ def pallas(q_MK, scale_CM1, scale_fmt: str = 'f32', *, interpret: bool = False, 
       compiler_params=common.compiler_params(gpu, parallel=2),
       interpret=interpret,
       name='transpose_quant',
-  )(q_MK, scale_CM1)
+  )(q_MK, scale_YM1)
 
 
-def transpose_quant(q_MK, scale_MC, scale_fmt: str = 'f32', impl: str = 'xla'):
+def transpose_quant(q_MK, scale_MY, scale_fmt: str = 'f32', impl: str = 'xla'):
   """1x128 tiles along K -> 1x128 tiles along M of the transpose. M, K multiples of 128."""
   if impl == 'xla':
-    return reference(q_MK, scale_MC, scale_fmt)
-  qt, st = pallas(q_MK, scale_MC.T[..., None], scale_fmt, interpret=common.is_interpret(impl))
+    return reference(q_MK, scale_MY, scale_fmt)
+  qt, st = pallas(q_MK, scale_MY.T[..., None], scale_fmt, interpret=common.is_interpret(impl))
   return qt, st[..., 0].T

@@ -21,8 +21,8 @@ def reference(w_KN, scale_fmt: str = 'f32'):
   """Pure-jnp block quantization of a [K, N] weight with K, N multiples of 128: (q, scale [K/128, N/128])."""
   k, n = w_KN.shape
   blocks = w_KN.astype(jnp.float32).reshape(k // BLOCK, BLOCK, n // BLOCK, BLOCK)
-  scale_CG = common.scale_from_amax(jnp.max(jnp.abs(blocks), axis=(1, 3)), scale_fmt)
-  return common.to_fp8(blocks, scale_CG[:, None, :, None]).reshape(k, n), scale_CG
+  scale_YZ = common.scale_from_amax(jnp.max(jnp.abs(blocks), axis=(1, 3)), scale_fmt)
+  return common.to_fp8(blocks, scale_YZ[:, None, :, None]).reshape(k, n), scale_YZ
 
 
 def _kernel(w_ref, q_ref, s_ref, *, scale_fmt):
@@ -62,8 +62,8 @@ def weight_quant(w_KN, scale_fmt: str = 'f32', impl: str = 'xla'):
   return q, s[:, 0, ::BLOCK]
 
 
-def dequantize(q_KN, scale_CG):
+def dequantize(q_KN, scale_YZ):
   """q * scale of its 128x128 block, float32 (the official weight_dequant on [in, out] weights)."""
   k, n = q_KN.shape
   blocks = q_KN.astype(jnp.float32).reshape(k // BLOCK, BLOCK, n // BLOCK, BLOCK)
-  return (blocks * scale_CG[:, None, :, None]).reshape(k, n)
+  return (blocks * scale_YZ[:, None, :, None]).reshape(k, n)

@@ -5,7 +5,8 @@ The JAX pattern: `Fp8KernelTest` runs the compiled kernels (IMPL = 'pallas') and
 row scales) so per-tile scales matter. Quantizers must match bit for bit (FP8 codes compared as uint8).
 """
 
-import chex
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,7 +172,10 @@ class Fp8XlaPathTest(parameterized.TestCase):
       self.assertLess(rel_fro(ga, gb), 1e-5)
 
   def test_auto_impl(self):
-    self.assertEqual(common.resolve_impl('auto'), 'xla' if jax.default_backend() == 'cpu' else
-                     ('pallas' if jax.default_backend() == 'tpu' else 'xla'))
+    # The documented choice: Pallas on TPU; XLA on CPU and on GPU (where the Triton kernels are opt-in).
+    for backend, want in (('tpu', 'pallas'), ('gpu', 'xla'), ('cpu', 'xla')):
+      with mock.patch.object(jax, 'default_backend', return_value=backend):
+        self.assertEqual(common.resolve_impl('auto'), want, backend)
+        self.assertEqual(common.resolve_impl('interpret'), 'interpret', backend)  # explicit choices stand
     with self.assertRaisesRegex(ValueError, 'fp8 kernel impl'):
       common.resolve_impl('cuda')

@@ -2,7 +2,7 @@
 
 Lowering runs the Pallas -> Mosaic / Triton lowering on CPU from shapes alone: block-shape rule violations
 (TPU (8, 128) tiles, Triton powers of two) surface here rather than on a user's accelerator. It does not
-run libtpu's or ptxas's own compilation (pallas.md §1.3).
+run libtpu's or ptxas's own compilation (that needs the device's toolchain).
 """
 
 import jax

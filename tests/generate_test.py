@@ -7,17 +7,17 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from absl.testing import absltest, parameterized
 from flax import nnx
 
+from deepseek_jax.cache import CacheForm
 from deepseek_jax.config import PRESETS
 from deepseek_jax.generate import generate
 from deepseek_jax.optimizer import adamw
 from deepseek_jax.sampling import SamplingParams, accept_draft, filtered_logits, greedy_rollout, sample
 from deepseek_jax.train_step import Hyper, init_train_state, train_step
 from deepseek_jax.trainer import restore_model
-from tests.helpers import random_model
+from tests.helpers import random_model, require
 
 TINY = PRESETS['tiny']
 PROMPTS = [[5, 9, 33, 7, 120], [100, 2], [7, 7, 7, 7, 7, 8, 250]]
@@ -54,9 +54,9 @@ class GenerateTest(parameterized.TestCase):
     for prompt, tokens in zip(PROMPTS, self.greedy.tokens):
       self.assertEqual(generate(self.model, [prompt], 10).tokens[0], tokens)
 
-  @parameterized.parameters('naive', 'absorbed')
+  @parameterized.parameters(CacheForm.NAIVE, CacheForm.ABSORBED)
   def test_cache_forms_agree(self, form):
-    self.assertEqual(generate(self.model, PROMPTS, 10, cache_form=form).tokens, self.greedy.tokens)
+    self.assertEqual(generate(self.model, PROMPTS, 10, cache=form).tokens, self.greedy.tokens)
 
   def test_speculative_greedy_equals_plain_on_random_model(self):
     spec = generate(self.model, PROMPTS, 10, speculative=True)
@@ -128,8 +128,8 @@ class SamplingTest(absltest.TestCase):
 class TransformersGenerateTest(absltest.TestCase):
 
   def test_greedy_tokens_equal_transformers_generate(self):
-    torch = pytest.importorskip('torch')
-    transformers = pytest.importorskip('transformers')
+    torch = require('torch')
+    transformers = require('transformers')
     from deepseek_jax.hf import load_hf
     torch.manual_seed(0)
     config = transformers.DeepseekV3Config(

@@ -11,14 +11,13 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from absl.testing import parameterized
 
 from deepseek_jax.hf import load_hf
-from tests.helpers import forward
+from tests.helpers import forward, require
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+torch = require('torch')
+transformers = require('transformers')
 
 YARN = {'type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 32, 'beta_fast': 32, 'beta_slow': 1,
         'mscale': 1.0, 'mscale_all_dim': 1.0}

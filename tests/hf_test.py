@@ -7,17 +7,16 @@ import os
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import pytest
 from absl.testing import parameterized
 from flax import nnx
 
-from deepseek_jax.config import PRESETS
+from deepseek_jax.config import PRESETS, Runtime
 from deepseek_jax.hf import dequantize_fp8, load_hf, save_hf
 from deepseek_jax.safetensors_io import SafetensorsDir, write_dir
-from tests.helpers import forward, mtp_forward, random_model
+from tests.helpers import forward, mtp_forward, random_model, require
 
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
+torch = require('torch')
+transformers = require('transformers')
 
 TINY = PRESETS['tiny']
 FP8_CONFIG = {'activation_scheme': 'dynamic', 'fmt': 'e4m3', 'quant_method': 'fp8', 'weight_block_size': [128, 128]}
@@ -109,7 +108,7 @@ class FP8Test(parameterized.TestCase):
     # hidden 192 and kv_lora_rank 80 (+64 rope): partial edge blocks everywhere
     tensors = write_fp8_copy(src, dst, hf_tiny_checkpoint(src, hidden_size=192, kv_lora_rank=80))
     _, dequantized = load_hf(dst)
-    cfg, held = load_hf(dst, fp8_weights=True)
+    cfg, held = load_hf(dst, Runtime(fp8_weights=True))
     wkv_a = held.dense_layers.attn.wkv_a
     self.assertEqual((wkv_a.kernel.dtype, wkv_a.kernel.shape), (jnp.float8_e4m3fn, (1, 256, 256)))
     stored = tensors['model.layers.0.self_attn.kv_a_proj_with_mqa.weight']  # [144, 192]
@@ -148,12 +147,12 @@ class RoundTripTest(parameterized.TestCase):
 
   @parameterized.parameters(('float32', 10**9), ('bfloat16', 20_000))
   def test_save_load_is_exact(self, dtype, shard_bytes):
-    cfg = TINY.replace(param_dtype=dtype, dtype=dtype)
-    model = random_model(cfg, seed=1)
+    cfg, rt = TINY, Runtime(param_dtype=dtype, dtype=dtype)
+    model = random_model(cfg, seed=1, rt=rt)
     path = self.create_tempdir().full_path
     save_hf(cfg, model, path, max_shard_bytes=shard_bytes)
     self.assertEqual(os.path.exists(os.path.join(path, 'model.safetensors.index.json')), shard_bytes < 10**9)
-    cfg2, model2 = load_hf(path, dtype=jnp.dtype(dtype))
+    cfg2, model2 = load_hf(path, rt)
     self.assertEqual(cfg2, cfg.replace(norm_topk_prob=cfg.renormalize_topk))
     a, b = (dict(nnx.to_flat_state(nnx.state(m))) for m in (model, model2))
     self.assertEqual(a.keys(), b.keys())
@@ -161,7 +160,7 @@ class RoundTripTest(parameterized.TestCase):
       self.assertEqual(a[key].dtype, b[key].dtype, key)
       np.testing.assert_array_equal(np.asarray(a[key][...]), np.asarray(b[key][...]), err_msg=str(key))
     tokens = jnp.arange(24).reshape(2, 12) % cfg.vocab_size
-    np.testing.assert_array_equal(mtp_forward(model, tokens).logits_DBTW, mtp_forward(model2, tokens).logits_DBTW)
+    np.testing.assert_array_equal(mtp_forward(model, tokens).logits_PBTW, mtp_forward(model2, tokens).logits_PBTW)
 
   def test_transformers_reads_what_we_write(self):
     model = random_model(TINY, seed=2)
@@ -189,8 +188,14 @@ class BadCheckpointTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, message):
       load_hf(self.bad)
 
-  def test_good_checkpoint_loads(self):
-    load_hf(self.good)
+  def test_good_checkpoint_loads_every_tensor(self):
+    cfg, model = load_hf(self.good)
+    out = os.path.join(self.create_tempdir().full_path, 'resaved')
+    save_hf(cfg, model, out)  # what we loaded, written back: the same tensors, bit for bit
+    resaved = read_all(out)
+    self.assertEqual(set(resaved), set(self.tensors))
+    for name, want in self.tensors.items():
+      np.testing.assert_array_equal(resaved[name], want, err_msg=name)
 
   def test_missing_tensor(self):
     name = 'model.layers.1.mlp.experts.3.up_proj.weight'

@@ -36,18 +36,23 @@ class LossTest(parameterized.TestCase):
     mtp = mtp_forward(model, jnp.asarray(inputs))
     t = inputs.shape[1]
     # Depth k at position i predicts seq[i + k + 1] = targets[i + k]; positions i >= t - k have no target.
-    want_mtp = lam * np.mean([ce(mtp.logits_DBTW[k - 1][:, :t - k], targets[:, k:]).mean()
+    want_mtp = lam * np.mean([ce(mtp.logits_PBTW[k - 1][:, :t - k], targets[:, k:]).mean()
                               for k in range(1, depth + 1)])
-    stats = [out.moe_stats, mtp.moe_stats]
+    stats = [out.moe_stats['moe_layers/ffn']] + [mtp.moe_stats[f'mtp/{k}/block/ffn'] for k in range(depth)]
+    stacked = [s if s.counts_E.ndim == 2 else jax.tree.map(lambda a: a[None], s) for s in stats]  # [L, ...]
     want_bal = alpha * sum(
         np.mean([np.dot(s.load_BE[l, b], s.prob_BE[l, b]) for b in range(3)])
-        for s in stats for l in range(s.counts_E.shape[0]))
+        for s in stacked for l in range(s.counts_E.shape[0]))
     np.testing.assert_allclose(terms.ce, want_ce, rtol=1e-5)
     np.testing.assert_allclose(terms.mtp, want_mtp, rtol=1e-5)
     np.testing.assert_allclose(terms.balance, want_bal, rtol=1e-5)
     np.testing.assert_allclose(terms.total, want_ce + want_mtp + want_bal, rtol=1e-5)
-    self.assertEqual(terms.expert_counts_LE.shape, (cfg.n_moe_layers + depth, cfg.n_routed_experts))
-    np.testing.assert_array_equal(terms.expert_counts_LE.sum(-1), 3 * 12 * cfg.n_activated_experts)
+    # Counts keyed by the path of the MoE layer whose router bias they update.
+    self.assertEqual({path: c.shape for path, c in terms.expert_counts.items()},
+                     {'moe_layers/ffn': (cfg.n_moe_layers, cfg.n_routed_experts),
+                      **{f'mtp/{k}/block/ffn': (cfg.n_routed_experts,) for k in range(depth)}})
+    for counts in terms.expert_counts.values():
+      np.testing.assert_array_equal(counts.sum(-1), 3 * 12 * cfg.n_activated_experts)
 
   def test_balance_gradient_only_through_p(self):
     load = jnp.array([[[2.0, 0.0, 1.0]]])

@@ -6,7 +6,7 @@ import numpy as np
 from absl.testing import parameterized
 from flax import nnx
 
-from deepseek_jax.config import PRESETS
+from deepseek_jax.config import PRESETS, Runtime
 from deepseek_jax.mla import MLA
 from deepseek_jax.rope import inv_freq
 
@@ -57,16 +57,16 @@ class MLATest(parameterized.TestCase):
       ('q_lora_plain_rope', BASE.replace(max_seq_len=16)),
       ('attention_factor', BASE.replace(rope_attention_factor=1.2, mscale=0.7)))
   def test_matches_official_naive(self, cfg):
-    mla = MLA(cfg.replace(init_std=0.3), nnx.Rngs(0))
+    mla = MLA(cfg.replace(init_std=0.3), Runtime(), nnx.Rngs(0))
     x = np.array(jax.random.normal(jax.random.key(1), (2, 24, cfg.dim)))
     x[1, 3] *= 20.0
     pos = np.broadcast_to(np.arange(24), (2, 24))
-    got = nnx.jit(lambda m, x, p: m(x, p))(mla, jnp.asarray(x), jnp.asarray(pos))
+    got, _ = nnx.jit(lambda m, x, p: m(x, p))(mla, jnp.asarray(x), jnp.asarray(pos))
     want = official_naive(mla, x.astype(np.float64), pos, cfg)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
   def test_wq_only_without_q_lora(self):
     names = {'/'.join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(MLA(BASE.replace(q_lora_rank=0),
-                                                                                  nnx.Rngs(0))))}
+                                                                                  Runtime(), nnx.Rngs(0))))}
     self.assertIn('wq/kernel', names)
     self.assertFalse({'wq_a/kernel', 'q_norm/scale', 'wq_b/kernel'} & names)

@@ -8,8 +8,8 @@ from absl.testing import parameterized
 from flax import nnx
 
 from deepseek_jax import cost
-from deepseek_jax.block import scan_blocks
-from deepseek_jax.config import PRESETS
+from deepseek_jax.block import run_layers
+from deepseek_jax.config import BF16, PRESETS, Runtime
 from deepseek_jax.model import DeepSeekV3
 from tests.helpers import forward, mtp_forward, random_model
 
@@ -23,15 +23,15 @@ def tokens(shape, vocab, seed=0):
 class ModelTest(parameterized.TestCase):
 
   def test_logits_shape_and_dtype(self):
-    model = DeepSeekV3(TINY, nnx.Rngs(0))
+    model = DeepSeekV3(TINY, Runtime(), nnx.Rngs(0))
     logits = forward(model, tokens((2, 16), TINY.vocab_size)).logits_BTW
     chex.assert_shape(logits, (2, 16, TINY.vocab_size))
     chex.assert_type(logits, jnp.float32)
     chex.assert_tree_all_finite(logits)
 
   def test_bfloat16(self):
-    cfg = TINY.replace(param_dtype='bfloat16', dtype='bfloat16')
-    model = random_model(cfg)
+    cfg = TINY
+    model = random_model(cfg, rt=BF16)
     chex.assert_type(model.embed.embedding[...], jnp.bfloat16)
     chex.assert_type(model.moe_layers.ffn.gate.bias[...], jnp.float32)  # the router bias stays fp32
     logits = forward(model, tokens((2, 8), cfg.vocab_size)).logits_BTW
@@ -45,9 +45,9 @@ class ModelTest(parameterized.TestCase):
     t = 5
 
     def logits_at_t(x):
-      x, _ = scan_blocks(model.dense_layers, x, positions)
-      x, _ = model.moe_blocks(x, positions)
-      return model.head(model.norm(x))[:, t].sum()
+      x, _, _ = run_layers(model.dense_layers, x, positions, None, model.rt)
+      x, _, _ = model.moe_blocks(x, positions)
+      return model.outputs(x, {}).logits_BTW[:, t].sum()
 
     grad_BTD = jax.jit(jax.grad(logits_at_t))(x_BTD)
     per_position = np.abs(np.asarray(grad_BTD)).sum(axis=(0, 2))
@@ -70,7 +70,7 @@ class MTPTest(parameterized.TestCase):
     model = random_model(cfg, seed=3)
     tok = tokens((2, 10), cfg.vocab_size, seed=4)
     out = forward(model, tok)
-    got = mtp_forward(model, tok).logits_DBTW
+    got = mtp_forward(model, tok).logits_PBTW
     chex.assert_shape(got, (depth, 2, 10, cfg.vocab_size))
 
     def rms(x, w):
@@ -88,7 +88,7 @@ class MTPTest(parameterized.TestCase):
       next_tok[:, :-k] = tok_np[:, k:]  # token i + k at position i
       concat = np.concatenate([rms(emb[next_tok], mtp.enorm.scale), rms(h, mtp.hnorm.scale)], -1)  # embedding first
       x = concat @ np.asarray(mtp.eh_proj.kernel[...], np.float64)
-      x, _ = nnx.jit(lambda b, x, p: b(x, p))(mtp.block, jnp.asarray(x, jnp.float32), positions)
+      x = nnx.jit(lambda b, x, p: b(x, p)[0])(mtp.block, jnp.asarray(x, jnp.float32), positions)
       h = rms(x, mtp.shared_head_norm.scale)
       np.testing.assert_allclose(got[k - 1], h @ head, rtol=1e-4, atol=1e-4 * np.abs(h @ head).max())
 
@@ -98,7 +98,7 @@ class MTPTest(parameterized.TestCase):
     changed = tok.at[0, 8].set((tok[0, 8] + 1) % TINY.vocab_size)
 
     def mtp_logits(t):
-      return np.asarray(mtp_forward(model, t).logits_DBTW[0, 0])
+      return np.asarray(mtp_forward(model, t).logits_PBTW[0, 0])
 
     a, b = mtp_logits(tok), mtp_logits(changed)
     # Depth 1 at position i reads tokens <= i + 1: positions up to 6 cannot see token 8, position 7 can.
@@ -111,7 +111,7 @@ class BigConfigTest(parameterized.TestCase):
   @parameterized.parameters('tiny', 'demo', 'v2-lite-16b', 'v3-671b')
   def test_eval_shape_counts_equal_cost_model(self, name):
     cfg = PRESETS[name]
-    model = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: DeepSeekV3(cfg, Runtime(), nnx.Rngs(0)))
     sizes = {path: int(np.prod(v.shape)) for path, v in nnx.to_flat_state(nnx.state(model))}
     summary = cost.summary(cfg)
     self.assertEqual(sum(n for p, n in sizes.items() if p[0] != 'mtp'), summary['total_params'])
@@ -119,7 +119,7 @@ class BigConfigTest(parameterized.TestCase):
 
   def test_v3_671b_shapes(self):
     cfg = PRESETS['v3-671b']
-    model = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: DeepSeekV3(cfg, BF16, nnx.Rngs(0)))
     self.assertEqual(model.moe_layers.ffn.experts.w1.shape, (58, 256, 7168, 2048))
     self.assertEqual(model.dense_layers.attn.wkv_b.kernel.shape, (3, 512, 128 * 256))
     self.assertEqual(model.mtp[0].eh_proj.kernel.shape, (14336, 7168))

@@ -2,11 +2,12 @@
 
 import os
 
-import pytest
 from absl.testing import absltest
 
-nbclient = pytest.importorskip('nbclient', reason='nbclient (test extra) is needed to execute the notebook')
-nbformat = pytest.importorskip('nbformat')
+from tests.helpers import require
+
+nbclient = require('nbclient')
+nbformat = require('nbformat')
 
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'notebooks', 'quickstart.ipynb')
 

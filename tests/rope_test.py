@@ -1,4 +1,4 @@
-"""RoPE + YaRN against the official complex-number formulation (spec §2.4)."""
+"""RoPE + YaRN against the official complex-number formulation (official inference/model.py)."""
 
 import math
 
@@ -28,7 +28,7 @@ def official_freqs(dim, base, factor, orig, beta_fast, beta_slow, yarn):
 class RopeTest(parameterized.TestCase):
 
   def test_v3_yarn_bands(self):
-    # spec §2.4: low = 10, high = 23: dims j <= 10 keep their frequency, j >= 23 are divided by 40.
+    # The official correction dims for V3 (factor 40, beta 32 / 1, 4096 original): low = 10, high = 23: dims j <= 10 keep their frequency, j >= 23 are divided by 40.
     plain = inv_freq(V3.replace(max_seq_len=4096))
     yarn = inv_freq(V3)
     np.testing.assert_array_equal(yarn[:11], plain[:11])

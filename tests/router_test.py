@@ -1,4 +1,4 @@
-"""The DeepSeekMoE gate against a per-token transcription of the official Gate.forward (spec §3.2)."""
+"""The DeepSeekMoE gate against a per-token transcription of the official Gate.forward (inference/model.py)."""
 
 import chex
 import jax
@@ -13,6 +13,8 @@ V3_LIKE = PRESETS['tiny'].replace(n_routed_experts=32, n_expert_groups=8, n_limi
                                   n_activated_experts=8, route_scale=2.5)
 CONFIGS = {
     'sigmoid_groups': V3_LIKE,
+    # What from_official builds for a sigmoid config narrower than 7168: no bias, so groups score by their max.
+    'sigmoid_groups_no_bias': V3_LIKE.replace(router_bias=False),
     'sigmoid_one_group': V3_LIKE.replace(n_expert_groups=1, n_limited_groups=1),
     'softmax_groups': V3_LIKE.replace(score_func='softmax', router_bias=False, n_activated_experts=6,
                                       route_scale=16.0),
@@ -35,7 +37,8 @@ def official_gate(logits, bias, cfg):
     g = cfg.n_expert_groups
     if g > 1:
       grouped = scores.reshape(g, -1)
-      group_scores = np.sort(grouped, axis=-1)[:, -2:].sum(-1) if cfg.score_func == 'sigmoid' else grouped.max(-1)
+      # Official: `if self.bias is None: amax else: topk(2).sum`.
+      group_scores = grouped.max(-1) if bias is None else np.sort(grouped, axis=-1)[:, -2:].sum(-1)
       keep = np.argsort(-group_scores, kind='stable')[:cfg.n_limited_groups]
       masked = np.full_like(grouped, -np.inf)
       masked[keep] = grouped[keep]
@@ -83,7 +86,7 @@ class RouterTest(parameterized.TestCase):
     select = np.asarray(r.scores_XE) + (0 if bias is None else np.asarray(bias))
     for t in range(128):  # chosen experts lie in kept groups, and kept groups are the best by group score
       grouped = select[t].reshape(g, -1)
-      group_score = np.sort(grouped, -1)[:, -2:].sum(-1) if cfg.score_func == 'sigmoid' else grouped.max(-1)
+      group_score = grouped.max(-1) if bias is None else np.sort(grouped, -1)[:, -2:].sum(-1)
       kept = set(np.argsort(-group_score)[:cfg.n_limited_groups])
       self.assertTrue({x // (e // g) for x in experts[t]} <= kept)
     weights = np.asarray(r.weights_XK)

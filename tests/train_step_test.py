@@ -15,8 +15,8 @@ from flax import nnx
 from deepseek_jax.config import PRESETS
 from deepseek_jax.loss import loss_fn
 from deepseek_jax.optimizer import adamw, scale_by_adam
-from deepseek_jax.router import RouterBias
-from deepseek_jax.train_step import Hyper, init_train_state, train_step, update_router_bias
+from deepseek_jax.router import RouterBias, update_router_bias
+from deepseek_jax.train_step import Hyper, init_train_state, train_step
 from tests.helpers import random_model
 
 TINY = PRESETS['tiny']
@@ -61,9 +61,15 @@ class OptimizerTest(parameterized.TestCase):
         np.testing.assert_array_equal(u, 0.0, err_msg=str(path))  # norms: no decay
       else:
         np.testing.assert_allclose(u, 0.1 * p, rtol=1e-6, err_msg=str(path))  # decoupled decay, before lr
-    huge = {'w': jnp.full((3, 4), 1e6), 'b': jnp.full((5,), -1e6)}
-    clipped, _ = optax.clip_by_global_norm(1.0).update(huge, optax.EmptyState())
-    self.assertAlmostEqual(float(optax.tree.norm(clipped)), 1.0, places=4)
+    # Our adamw clips before the moments: after one step mu = (1 - b1) * the gradient clipped to norm 1.
+    tx = adamw(clip_norm=1.0)
+    for scale, want_norm in ((1e6, 1.0), (1e-3, None)):  # a huge gradient is clipped, a small one is not
+      grads = {'w': scale * jnp.arange(12.0).reshape(3, 4), 'b': -scale * jnp.ones((5,))}
+      _, opt_state = jax.jit(tx.update)(grads, tx.init(grads), grads)
+      mu = opt_state[1].mu
+      want = want_norm or float(optax.tree.norm(grads))
+      self.assertAlmostEqual(float(optax.tree.norm(mu)) / (0.1 * want), 1.0, delta=1e-2)  # bf16 moments
+      np.testing.assert_allclose(mu['w'] / mu['w'][0, 1], grads['w'] / grads['w'][0, 1], rtol=1e-2)  # direction
 
 
 class RouterBiasTest(parameterized.TestCase):
@@ -72,14 +78,25 @@ class RouterBiasTest(parameterized.TestCase):
     model = random_model(TINY)
     bias = nnx.state(model, RouterBias)
     before = flat(bias)
-    layers = TINY.n_moe_layers + TINY.n_mtp_layers
-    counts = np.tile(np.array([10, 2, 6, 6, 0, 8, 12, 4]), (layers, 1))  # mean load 6
-    after = flat(update_router_bias(bias, jnp.asarray(counts), 0.01))
-    step = 0.01 * np.sign(6 - counts[0])  # overloaded experts go down by gamma, underloaded up, balanced stay
-    main = ('moe_layers', 'ffn', 'gate', 'bias')
-    np.testing.assert_allclose(after[main] - before[main], np.tile(step, (TINY.n_moe_layers, 1)), atol=1e-7)
-    np.testing.assert_allclose(after[('mtp', 0, 'block', 'ffn', 'gate', 'bias')] -
-                               before[('mtp', 0, 'block', 'ffn', 'gate', 'bias')], step, atol=1e-7)
+    rows = np.array([[10, 2, 6, 6, 0, 8, 12, 4],  # mean load 6 in every row; each layer gets its own row
+                     [0, 12, 6, 6, 8, 2, 4, 10],
+                     [6, 6, 6, 6, 1, 11, 3, 9]])
+    counts = {'moe_layers/ffn': jnp.asarray(rows[:2]), 'mtp/0/block/ffn': jnp.asarray(rows[2])}
+    after = flat(update_router_bias(bias, counts, 0.01))
+    step = 0.01 * np.sign(6 - rows)  # overloaded experts go down by gamma, underloaded up, balanced stay
+    main, mtp = ('moe_layers', 'ffn', 'gate', 'bias'), ('mtp', 0, 'block', 'ffn', 'gate', 'bias')
+    np.testing.assert_allclose(after[main] - before[main], step[:2], atol=1e-7)
+    np.testing.assert_allclose(after[mtp] - before[mtp], step[2], atol=1e-7)
+
+  def test_counts_must_match_the_router_biases(self):
+    bias = nnx.state(random_model(TINY), RouterBias)
+    counts = {'moe_layers/ffn': jnp.ones((2, 8)), 'mtp/0/block/ffn': jnp.ones((8,))}
+    with self.assertRaisesRegex(ValueError, 'mtp/0/block/ffn/gate/bias'):
+      update_router_bias(bias, {'moe_layers/ffn': counts['moe_layers/ffn']}, 0.01)
+    with self.assertRaisesRegex(ValueError, 'shape'):
+      update_router_bias(bias, {**counts, 'moe_layers/ffn': jnp.ones((3, 8))}, 0.01)
+    with self.assertRaisesRegex(ValueError, 'no router bias'):
+      update_router_bias(bias, {**counts, 'moe_layers/extra': jnp.ones((8,))}, 0.01)
 
 
 class TrainStepTest(parameterized.TestCase):
@@ -94,7 +111,7 @@ class TrainStepTest(parameterized.TestCase):
     cls.tokens = jax.random.randint(jax.random.key(4), (1, 4, 17), 1, TINY.vocab_size)
 
   def test_bias_moves_only_by_the_sign_rule(self):
-    counts = nnx.jit(lambda m, t: loss_fn(m, t).expert_counts_LE)(
+    counts = nnx.jit(lambda m, t: loss_fn(m, t).expert_counts)(
         nnx.merge(self.graphdef, self.state.params, self.state.bias), self.tokens[0])
     new, metrics = self.step(self.state, self.tokens, hyper(gamma=0.01))
     self.assertTrue(bool(metrics['ok']))
@@ -132,7 +149,7 @@ class TrainStepTest(parameterized.TestCase):
     split, m2 = step(state, self.tokens.reshape(2, 2, 17), hyper(lr=1.0))
     for key in ('loss', 'ce', 'mtp', 'balance', 'grad_norm'):
       np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5, err_msg=key)
-    np.testing.assert_array_equal(m1['load_max_over_mean'], m2['load_max_over_mean'])
+    chex.assert_trees_all_equal(m1['load_max_over_mean'], m2['load_max_over_mean'])
     delta = lambda s: jax.tree.map(lambda new, old: new - old, flat(s.params), flat(state.params))
     chex.assert_trees_all_close(delta(whole), delta(split), rtol=1e-4, atol=1e-6)  # params ~1: ulps ~1e-7
     chex.assert_trees_all_equal(flat(whole.bias), flat(split.bias))
@@ -153,13 +170,17 @@ class NonFiniteStreakTest(absltest.TestCase):
     config = ml_collections.ConfigDict(dict(max_nonfinite_streak=3, log_every=100, steps=100))
     writer = mock.Mock()
     clock = trainer._Clock(0, 100)
+    loads = {'moe_layers/ffn': np.ones(2, np.float32), 'mtp/0/block/ffn': np.float32(1.5)}
     bad = {'loss': np.float32(np.nan), 'grad_norm': np.float32(np.nan), 'ok': np.bool_(False), 'ce': 0.0,
-           'mtp': 0.0, 'balance': 0.0}
+           'mtp': 0.0, 'balance': 0.0, 'load_max_over_mean': loads}
     good = {**bad, 'loss': np.float32(1.0), 'grad_norm': np.float32(1.0), 'ok': np.bool_(True)}
-    streak = 0
-    for step, values in enumerate([bad, bad, good, bad, bad], start=1):  # a good step resets the streak
-      streak = trainer._record(writer, clock, config, step, values, 1e-3, 10, None, streak)
-    self.assertEqual(streak, 2)
+    # The streak is the train state's (train_step counts it on device, a checkpoint keeps it): a good step
+    # resets it.
+    for step, (values, streak) in enumerate([(bad, 1), (bad, 2), (good, 0), (bad, 1), (bad, 2)], start=1):
+      trainer._record(writer, clock, config, TINY, step, {**values, 'streak': np.int32(streak)}, 1e-3, 10, None)
     with self.assertRaisesRegex(FloatingPointError, '3 consecutive steps with a non-finite loss'):
-      trainer._record(writer, clock, config, 6, bad, 1e-3, 10, None, streak)
+      trainer._record(writer, clock, config, TINY, 6, {**bad, 'streak': np.int32(3)}, 1e-3, 10, None)
     self.assertEqual(writer.write.call_count, 5)
+    # MoE layers are named by their layer ids: layers 1-2 of TINY, and the MTP depth as layer n_layers.
+    self.assertEqual({k for k in writer.write.call_args[0][1] if k.startswith('load')},
+                     {'load_max_over_mean/layer1', 'load_max_over_mean/layer2', 'load_max_over_mean/layer3'})
