@@ -68,8 +68,7 @@ def main(argv):
   rng = np.random.default_rng(0)
   path = os.path.join(tempfile.mkdtemp(prefix='decode_bench_'), 'ckpt')
   arch, hf_model = random_checkpoint(path)
-  rt = runtime(demo.get_config())  # run as the demo trains (fp32; layers unrolled on CPU)
-  cfg, ours = load_hf(path, rt)
+  cfg, ours = load_hf(path)  # fp32, scanned layers
   rows = []
   for batch in (1, 8):
     prompts = rng.integers(0, cfg.vocab_size, (batch, 16)).tolist()
@@ -95,7 +94,7 @@ def main(argv):
   if not os.path.exists(os.path.join(_WORKDIR.value, 'model.json')):
     from deepseek_jax.trainer import train
     train(demo.get_config(), _WORKDIR.value)
-  _, trained, step = restore_model(_WORKDIR.value, rt)
+  _, trained, step = restore_model(_WORKDIR.value, runtime(demo.get_config()))  # as it trained: layers unrolled
   from deepseek_jax.tokenizer import run_codec
   codec = run_codec(_WORKDIR.value)
   code_prompts = [codec.encode(text) for text in ('def ', 'import os\n', 'class Parser(object):\n    def ',

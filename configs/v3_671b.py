@@ -4,7 +4,8 @@
 first 2K steps, constant to 10T tokens, cosine to 2.2e-5 over 4.3T, 2.2e-5 for 333B, 7.3e-6 for the last 167B;
 batch 3072 -> 15360 sequences over the first 469B tokens; gamma 0.001 for 14.3T then 0; alpha 1e-4; MTP
 lambda 0.3 for 10T then 0.1; init std 0.006 (the preset). The FP8 recipe on every projection, fp32 master
-weights, bf16 activations and Adam moments. The data is a pre-tokenized corpus (DeepSeek's 129K BPE ids as uint32): set data.tokens_path.
+weights, bf16 activations and Adam moments. The data is a pre-tokenized corpus (DeepSeek's 129K BPE ids as
+uint32): set data.tokens_path.
 """
 
 from configs.common import NEVER, base_config, pod_defaults

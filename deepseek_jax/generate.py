@@ -155,7 +155,7 @@ def _start(graphdef, weights, tokens_BT, lengths_B, cache, key, max_new, params,
     next_BT = jnp.where(jnp.arange(tokens_BT.shape[1]) == (lengths_B - 1)[:, None], token_B[:, None], shifted_BT)
     mtp = model.mtp_forward(next_BT, out.hidden_BTD, cache=cache)
     cache = mtp.cache
-    draft_logits_BW = mtp.logits_PBTW[0, rows_B, lengths_B - 1].astype(jnp.float32)
+    draft_logits_BW = model.head(mtp.hidden_PBTD[0, rows_B, lengths_B - 1]).astype(jnp.float32)  # one row
     draft_B = sample(draft_logits_BW, draft_key, params)
   zero = jnp.zeros((), jnp.int32)
   return _State(cache, token_B, lengths_B, key, out_BJ, jnp.ones((b,), jnp.int32), done_B, draft_B,
@@ -206,9 +206,9 @@ def _speculative_step(model, state: _State, params, stops) -> _State:
   second_B = sample(out.logits_BTW[:, 1], next_key, params)  # the token after a kept draft
   # The MTP module at the two positions reads the tokens that follow them: valid as far as they were kept.
   mtp = model.mtp_forward(jnp.stack([first_B, second_B], axis=1), out.hidden_BTD, positions_BT, out.cache)
-  # The newest kept position drafts.
-  logits_BTW = mtp.logits_PBTW[0]
-  draft_logits_BW = jnp.where(accepted_B[:, None], logits_BTW[:, 1], logits_BTW[:, 0]).astype(jnp.float32)
+  # Only the newest kept position drafts: one head product per row.
+  h_BTD = mtp.hidden_PBTD[0]
+  draft_logits_BW = model.head(jnp.where(accepted_B[:, None], h_BTD[:, 1], h_BTD[:, 0])).astype(jnp.float32)
   active_B = ~state.done_B
   state = state._replace(
       cache=mtp.cache, key=key, token_B=jnp.where(accepted_B, second_B, first_B),

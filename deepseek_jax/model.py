@@ -44,6 +44,8 @@ class ModelOutput(NamedTuple):
 
 class MTPOutput(NamedTuple):
   logits_PBTW: jax.Array  # depth-major; depth k (from 0) at position i predicts token i + k + 2 of the input
+  hidden_PBTD: jax.Array  # each depth's normalised representation, the head's input (a decoder that needs
+  # one position's draft applies the head there; XLA then drops the unused full logits)
   moe_stats: dict[str, MoEStats]  # keyed by MoE layer path: 'mtp/<k>/block/ffn'
   cache: kv.Cache | None  # the model's cache with the MTP depths' entries written
 
@@ -105,16 +107,18 @@ class DeepSeekV3(nnx.Module):
     if not len(self.mtp):
       raise ValueError('mtp_forward: this model has n_mtp_layers == 0')
     positions_BT = positions(next_tokens_BT) if positions_BT is None else positions_BT.astype(jnp.int32)
-    h_BTD, logits, stats, caches = hidden_BTD, [], {}, []
+    h_BTD, logits, hiddens, stats, caches = hidden_BTD, [], [], {}, []
     for k, module in enumerate(self.mtp):
       shifted_BT = jnp.pad(next_tokens_BT[:, k:], ((0, 0), (0, k)))
       h_BTD, logits_BTW, layer_stats, layer_cache = module(
           h_BTD, shifted_BT, positions_BT, self.embed, self.head, None if cache is None else cache.mtp[k])
       logits.append(logits_BTW)
+      hiddens.append(h_BTD)
       caches.append(layer_cache)
       if layer_stats is not None:
         stats[f'mtp/{k}/block/{FFN}'] = layer_stats
-    return MTPOutput(jnp.stack(logits), stats, None if cache is None else cache._replace(mtp=tuple(caches)))
+    return MTPOutput(jnp.stack(logits), jnp.stack(hiddens), stats,
+                     None if cache is None else cache._replace(mtp=tuple(caches)))
 
   def init_cache(self, batch: int, length: int, form: kv.CacheForm = kv.CacheForm.ABSORBED,
                  dtype=None) -> kv.Cache:

@@ -163,6 +163,7 @@ def train(config, workdir: str) -> TrainResult:
 
 def restore_model(workdir: str, rt: Runtime = Runtime()) -> tuple[ModelConfig, DeepSeekV3, int]:
   """The model of a training run's newest readable checkpoint, run as `rt` says: (config, model, step)."""
+  workdir = os.path.abspath(workdir)  # orbax reads from absolute paths only
   path = os.path.join(workdir, MODEL_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training run directory')

@@ -52,7 +52,8 @@ class Fp8ModelTest(absltest.TestCase):
     # quadrature, so the gradient's relative error stays below 2^-4 sqrt(n). A wrong scale or block layout
     # breaks that by far (a factor-2 scale error alone is 100%).
     model = nnx.eval_shape(lambda: random_model(cfg, rt=FP8))
-    n_gemms = 3 * sum(1 for _, m in nnx.iter_graph(model) if isinstance(m, Linear) and m.recipe is not None)
+    n_gemms = 3 * sum(int(np.prod(m.kernel.shape[:-2]))  # stacked layers: one projection per layer
+                      for _, m in nnx.iter_graph(model) if isinstance(m, Linear) and m.recipe is not None)
     self.assertLess(np.linalg.norm(b - a) / np.linalg.norm(a), 2**-4 * np.sqrt(n_gemms))
     self.assertFalse(np.array_equal(a, b))  # the FP8 path really ran
 

@@ -81,6 +81,9 @@ class LauncherTest(absltest.TestCase):
     self.assertIn('load_max_over_mean/layer1', records[-1])  # the first MoE layer of the tiny model
     self.assertTrue(os.listdir(os.path.join(self.reference, 'tensorboard')))
     self.assertIn('sample:', self.log_text(self.reference))
+    from deepseek_jax.trainer import restore_model
+    _, _, step = restore_model(os.path.relpath(self.reference))  # relative, as the README's decode command
+    self.assertEqual(step, STEPS)
 
   @pytest.mark.slow  # generate_test proves speculative == plain; tokenizer_test runs launch.decode by default
   def test_decode_speculative_prints_the_plain_text(self):
