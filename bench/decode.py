@@ -43,7 +43,7 @@ def random_checkpoint(path):
   import transformers
   from configs import demo
   from deepseek_jax.hf_config import to_hf
-  from deepseek_jax.trainer import model_config
+  from deepseek_jax.run_config import model_config
   c = model_config(demo.get_config()).replace(n_mtp_layers=0)
   config = transformers.DeepseekV3Config(**to_hf(c), eos_token_id=None, bos_token_id=None,
                                          pad_token_id=None)  # no stop token: every run generates all new tokens
@@ -62,7 +62,8 @@ def main(argv):
   from deepseek_jax.cache import CacheForm, bytes_per_token
   from deepseek_jax.generate import generate
   from deepseek_jax.hf import load_hf
-  from deepseek_jax.trainer import restore_model, runtime
+  from deepseek_jax.run_config import runtime
+  from deepseek_jax.trainer import restore_model
   logging.set_verbosity(logging.WARNING)
   new = _NEW.value
   rng = np.random.default_rng(0)

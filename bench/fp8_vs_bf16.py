@@ -52,7 +52,7 @@ def memory(config):
   from deepseek_jax.loss import loss_fn
   from deepseek_jax.model import DeepSeekV3
   from deepseek_jax.moe import RoutedExperts
-  from deepseek_jax.trainer import model_config, runtime
+  from deepseek_jax.run_config import model_config, runtime
 
   cfg, rt = model_config(config), runtime(config)
   model = nnx.eval_shape(lambda: DeepSeekV3(cfg, rt, nnx.Rngs(0)))

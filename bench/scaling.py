@@ -42,7 +42,7 @@ def main(argv):
   from deepseek_jax.model import DeepSeekV3
   from deepseek_jax.optimizer import adamw
   from deepseek_jax.train_step import Hyper, init_train_state, train_step
-  from deepseek_jax.trainer import model_config, runtime
+  from deepseek_jax.run_config import model_config, runtime
   config = demo.get_config()
   demo_cfg, rt = model_config(config), runtime(config)
   cfg = demo_cfg.replace(n_layers=demo_cfg.n_dense_layers + 4)  # 4 MoE blocks: 2 or 4 stages, a 4-chunk V

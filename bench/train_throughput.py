@@ -83,7 +83,7 @@ def main(argv):
   import torch
   from configs import demo
   from deepseek_jax import cost
-  from deepseek_jax.trainer import model_config, runtime
+  from deepseek_jax.run_config import model_config, runtime
 
   base, rt = model_config(demo.get_config()), runtime(demo.get_config())  # the demo training run's model
   b, t, steps = _BATCH.value, _SEQ.value, _STEPS.value

@@ -1,21 +1,28 @@
-"""Defaults shared by every experiment config: the DeepSeek-V3 recipe (paper §4.2), rescaled per run length."""
+"""Defaults shared by every experiment config: the DeepSeek-V3 recipe (paper §4.2) as fractions of the run.
+
+Schedule boundaries (config.lr, config.gamma, config.mtp_lambda) are fractions of the run's tokens, turned into
+tokens when the run starts (schedules.resolve), after the command line's overrides: --config.steps=1000
+stretches the whole recipe over the longer run.
+"""
 
 import dataclasses
 
 import ml_collections
 
-from deepseek_jax import schedules
+from deepseek_jax import run_config, schedules
 from deepseek_jax.config import Runtime
 
-NEVER = 1e30  # tokens: a schedule stage that never ends
+NEVER = 1e30  # a schedule stage that never ends (a fraction far past the run's end)
 
 
 def base_config(model: str, steps: int, batch_size: int, seq_len: int, peak_lr: float,
-                warmup_tokens: float) -> ml_collections.ConfigDict:
+                warmup: float) -> ml_collections.ConfigDict:
+  """warmup: the LR warmup's length as a fraction of the run."""
   config = ml_collections.ConfigDict()
   config.model = model  # a key of deepseek_jax.config.PRESETS
-  # Architecture changes: ModelConfig fields, e.g. {'n_layers': 8}. The vocabulary is data.vocab_size's.
-  config.model_overrides = ml_collections.ConfigDict()
+  # Architecture changes: any ModelConfig field, e.g. --config.model_overrides.n_layers=8 (None: the preset's).
+  # The vocabulary is data.vocab_size's.
+  config.model_overrides = run_config.model_overrides()
   # How to run the model (deepseek_jax.config.Runtime), e.g. --config.runtime.dtype=bfloat16,
   # --config.runtime.quant=fp8 (DeepSeek's FP8 recipe on every projection), --config.runtime.remat=True.
   config.runtime = ml_collections.ConfigDict(dataclasses.asdict(Runtime()))
@@ -30,14 +37,14 @@ def base_config(model: str, steps: int, batch_size: int, seq_len: int, peak_lr: 
   # per stage in a V; needs 2 x pipeline microbatches) or 'gpipe' (deepseek_jax/pipeline_schedules.py).
   config.pipeline_schedule = '1f1b'
   config.seq_len = seq_len
-  total_tokens = steps * batch_size * seq_len
-  config.lr = schedules.paper_lr(total_tokens, peak_lr, warmup_tokens)
+  config.lr = schedules.paper_lr(peak_lr, warmup)
   config.optimizer = dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
   # gamma 0.001 for 14.3T of 14.8T tokens, then 0; MTP lambda 0.3 for 10T, then 0.1; alpha 1e-4.
-  config.gamma = [(14.3 / 14.8 * total_tokens, 0.001), (NEVER, 0.0)]
-  config.mtp_lambda = [(10 / 14.8 * total_tokens, 0.3), (NEVER, 0.1)]
+  config.gamma = [(14.3 / 14.8, 0.001), (NEVER, 0.0)]
+  config.mtp_lambda = [(10 / 14.8, 0.3), (NEVER, 0.1)]
   config.balance_alpha = 1e-4
-  config.max_nonfinite_streak = 5
+  config.max_nonfinite_streak = 5  # consecutive skipped steps (train_step.py) before the run stops
+  config.max_update_ratio = 1.0  # skip a step that moves the weights by more than their norm (0: no limit)
   config.log_every = 10
   config.eval_every = 100
   config.eval_batches = 8

@@ -4,7 +4,7 @@ from configs.common import base_config
 
 
 def get_config():
-  config = base_config('tiny', steps=20, batch_size=4, seq_len=32, peak_lr=3e-3, warmup_tokens=4 * 4 * 32)
+  config = base_config('tiny', steps=20, batch_size=4, seq_len=32, peak_lr=3e-3, warmup=4 / 20)
   config.data.vocab_size = 512  # also the model's vocabulary
   config.data.max_documents = 40
   config.data.val_fraction = 0.1

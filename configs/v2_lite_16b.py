@@ -12,13 +12,13 @@ SEQ_LEN, BATCH, TOTAL_TOKENS, PEAK = 4096, 4608, 5.7e12, 4.2e-4
 
 
 def get_config():
-  config = base_config('v2-lite-16b', steps=int(TOTAL_TOKENS / (BATCH * SEQ_LEN)), batch_size=BATCH,
-                       seq_len=SEQ_LEN, peak_lr=PEAK, warmup_tokens=2000 * BATCH * SEQ_LEN)
+  steps = int(TOTAL_TOKENS / (BATCH * SEQ_LEN))
+  config = base_config('v2-lite-16b', steps=steps, batch_size=BATCH, seq_len=SEQ_LEN, peak_lr=PEAK,
+                       warmup=2000 / steps)
   pod_defaults(config)
-  # Step decay: no cosine stage (decay_tokens 0), two tail stages of ~10% each.
-  config.lr = dict(peak=PEAK, warmup_tokens=2000 * BATCH * SEQ_LEN, constant_until=0.8 * TOTAL_TOKENS,
-                   decay_tokens=0.0, end=PEAK, tail=[(0.1 * TOTAL_TOKENS, PEAK * 0.316),
-                                                     (0.1 * TOTAL_TOKENS, PEAK * 0.316**2)])
+  # Step decay: no cosine stage (decay 0), two tail stages of ~10% of the run each.
+  config.lr = dict(peak=PEAK, warmup=2000 / steps, constant_until=0.8, decay=0.0, end=PEAK,
+                   tail=[(0.1, PEAK * 0.316), (0.1, PEAK * 0.316**2)])
   config.gamma = [(NEVER, 0.0)]
   config.mtp_lambda = [(NEVER, 0.0)]
   config.balance_alpha = 1e-3

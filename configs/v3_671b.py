@@ -8,7 +8,8 @@ weights, bf16 activations and Adam moments. The data is a pre-tokenized corpus (
 uint32): set data.tokens_path.
 """
 
-from configs.common import NEVER, base_config, pod_defaults
+from configs.common import base_config, pod_defaults
+from deepseek_jax import schedules
 
 SEQ_LEN = 4096
 BATCH_START, BATCH_END, RAMP_TOKENS, RAMP_MULTIPLE = 3072, 15360, 469e9, 1536
@@ -16,16 +17,14 @@ TOTAL_TOKENS = 14.8e12
 
 
 def get_config():
-  # Steps: the ramp consumes 469B tokens at ~(3072 + 15360) / 2 sequences a step, the rest runs at 15360.
-  ramp_steps = int(RAMP_TOKENS / ((BATCH_START + BATCH_END) / 2 * SEQ_LEN))
-  steps = ramp_steps + int((TOTAL_TOKENS - RAMP_TOKENS) / (BATCH_END * SEQ_LEN))
+  # Steps: the ramp's sizes stepped through (rounded down to multiples of 1536) over 469B tokens, then 15360.
+  ramp = dict(start=BATCH_START, ramp_tokens=RAMP_TOKENS, multiple=RAMP_MULTIPLE)
+  steps = schedules.steps_for(TOTAL_TOKENS, SEQ_LEN, BATCH_END, ramp)
+  # The LR, gamma and lambda of the paper as fractions of 14.8T (common.py); warmup: 2K steps of the ramp's
+  # first batch size.
   config = base_config('v3-671b', steps=steps, batch_size=BATCH_END, seq_len=SEQ_LEN, peak_lr=2.2e-4,
-                       warmup_tokens=2000 * BATCH_START * SEQ_LEN)  # 2K steps, all inside the first ramp stage
+                       warmup=2000 * BATCH_START * SEQ_LEN / TOTAL_TOKENS)
   pod_defaults(config)
   config.runtime.quant = 'fp8'  # FP8 mixed precision as trained (§3.3): fp8 GEMMs, fp32 master weights, bf16 moments
   config.batch_ramp = dict(start=BATCH_START, tokens=RAMP_TOKENS, multiple=RAMP_MULTIPLE)
-  config.lr = dict(peak=2.2e-4, warmup_tokens=2000 * BATCH_START * SEQ_LEN, constant_until=10e12,
-                   decay_tokens=4.3e12, end=2.2e-5, tail=[(333e9, 2.2e-5), (167e9, 7.3e-6)])
-  config.gamma = [(14.3e12, 0.001), (NEVER, 0.0)]
-  config.mtp_lambda = [(10e12, 0.3), (NEVER, 0.1)]
   return config

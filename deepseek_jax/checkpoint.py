@@ -2,47 +2,127 @@
 
 Each checkpoint holds the train state (params, router biases, optimizer state, counters) and a JSON `meta`
 item (step, tokens seen, data-iterator state). Orbax writes a checkpoint into a temporary directory and
-renames it when complete, so one that a crash interrupted is never listed. A listed checkpoint that still
-fails to restore (damaged files) is skipped with a warning, and the next older one is used.
+renames it when complete, so one that a crash interrupted is never listed.
+
+Restoring tells two failures apart. A checkpoint whose recorded tree (parameter paths and shapes) differs
+from the state asked for is *incompatible*: restoring raises, naming the differences, and nothing is moved.
+A checkpoint that cannot be read (missing or truncated files) is *damaged*: it is skipped for the next older
+one and, for a trainer, moved out of the listed steps into `damaged_dir` (kept for inspection), so that the
+step is saved again when training reaches it.
 """
 
 from __future__ import annotations
 
 import logging as std_logging
-from typing import Any
+import os
+import time
+from typing import Any, NamedTuple
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+
+class IncompatibleCheckpointError(ValueError):
+  """A readable checkpoint holding another model or optimizer state than the one asked for."""
+
+
+class Restored(NamedTuple):
+  step: int
+  state: Any
+  meta: dict
+  skipped: list[str]  # 'step N: why', newest first: the damaged checkpoints passed over
 
 
 class Checkpointer:
   """Async saves every few steps, keeps the newest `keep`, restores the newest readable one."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+    self.directory = directory
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict) -> None:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
 
-  def restore(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) of the newest checkpoint that restores, or None when there is none."""
+  def restore(self, abstract_state: Any, damaged_dir: str | None = None) -> Restored | None:
+    """The newest checkpoint that restores onto `abstract_state` (shapes and shardings), or None when there is
+    none. Damaged ones are skipped (and moved into `damaged_dir` when given: only the run's one writer may);
+    an incompatible one raises IncompatibleCheckpointError."""
+    skipped = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      mismatch = _mismatch(self._recorded_tree(step), abstract_state)
+      if mismatch:
+        raise IncompatibleCheckpointError(
+            f'checkpoint {os.path.join(self.directory, str(step))} holds another state than this run builds: '
+            f'{mismatch}')
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      except Exception as error:  # a damaged checkpoint must not end the run while an older one exists
+        if restored.meta is None:
+          raise ValueError('its meta item is missing')
+      except Exception as error:  # damaged files: fall back to an older checkpoint while one exists
         # Orbax leaves the failed read's futures behind; asyncio would print each one's traceback.
         std_logging.getLogger('asyncio').setLevel(std_logging.CRITICAL)
-        logging.warning('checkpoint at step %d is unreadable (%s: %s); falling back to an older one', step,
-                        type(error).__name__, str(error).splitlines()[0][:200])
+        why = f'{type(error).__name__}: {(str(error).splitlines() or [""])[0][:200]}'
+        skipped.append(f'step {step}: {why}')
+        where = self._move_aside(step, damaged_dir) if damaged_dir else 'left in place'
+        logging.warning('checkpoint at step %d is unreadable (%s); %s; falling back to an older one', step, why,
+                        where)
         continue
-      return step, restored.state, restored.meta
+      return Restored(step, restored.state, restored.meta, skipped)
     return None
+
+  def _recorded_tree(self, step: int) -> Any:
+    """The state tree the checkpoint's metadata records, or None when the metadata itself is unreadable
+    (then the restore attempt finds the damage)."""
+    try:
+      return self.manager.item_metadata(step)['state'].tree
+    except Exception:  # no or damaged metadata: damage, not incompatibility
+      return None
+
+  def _move_aside(self, step: int, damaged_dir: str) -> str:
+    os.makedirs(damaged_dir, exist_ok=True)
+    target = os.path.join(damaged_dir, f'{step}.{time.strftime("%Y%m%d-%H%M%S")}')
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f'checkpoint {step} moved aside')
+    self.manager.reload()
+    return f'moved to {target}'
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _mismatch(recorded: Any, abstract_state: Any, shown: int = 4) -> str:
+  """What differs between a checkpoint's recorded tree and the asked-for state (paths, shapes); '' if
+  nothing does, or if nothing was recorded."""
+  if recorded is None:
+    return ''
+  saved, asked = _shapes(recorded), _shapes(abstract_state)
+  problems = [f'{path} is missing' for path in sorted(set(asked) - set(saved))]
+  problems += [f'{path} is not in this model' for path in sorted(set(saved) - set(asked))]
+  problems += [f'{path} has shape {saved[path]}, this run {asked[path]}' for path in sorted(set(saved) & set(asked))
+               if saved[path] != asked[path]]
+  more = f' (and {len(problems) - shown} more)' if len(problems) > shown else ''
+  return '; '.join(problems[:shown]) + more
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  def name(key):
+    for attribute in ('key', 'name', 'idx'):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(name(k) for k in path): tuple(getattr(leaf, 'shape', ())) for path, leaf in leaves}

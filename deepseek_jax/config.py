@@ -177,6 +177,14 @@ def _validate(c: ModelConfig) -> None:
     if not ok:
       raise ValueError(f'ModelConfig.{field}: {why} (got {getattr(c, field)!r})')
 
+  for f in dataclasses.fields(c):  # types first: a size read as '7168' or 7168.0 fails here, named
+    value, kind = getattr(c, f.name), type(f.default)
+    if f.default is None:  # norm_topk_prob: a bool or None
+      need(value is None or isinstance(value, bool), f.name, 'must be true, false or null')
+    elif kind is float:
+      need(isinstance(value, (int, float)) and not isinstance(value, bool), f.name, 'must be a number')
+    else:
+      need(type(value) is kind, f.name, f'must be {"an" if kind is int else "a"} {kind.__name__}')
   for field in ('vocab_size', 'dim', 'n_layers', 'n_heads', 'kv_lora_rank', 'qk_rope_head_dim', 'v_head_dim',
                 'max_seq_len', 'original_seq_len'):
     need(getattr(c, field) > 0, field, 'must be positive')

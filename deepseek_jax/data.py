@@ -48,10 +48,14 @@ def documents(c: Mapping[str, Any]) -> list[tuple[str, str]]:
     root = texts
   elif source == 'files':
     patterns = c['files'].split(',') if isinstance(c['files'], str) else list(c['files'])
-    paths = [p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern.strip()), recursive=True)]
-    root = os.path.commonpath(paths) if paths else ''
+    matched = [p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern.strip()), recursive=True)]
+    paths = [p for p in matched if os.path.isfile(p)]
     if not paths:
-      raise ValueError(f'data.files={c["files"]!r} matches no file')
+      folders = [p for p in matched if os.path.isdir(p)]
+      hint = (f' (only the directory {folders[0]!r}: match its files, e.g. {os.path.join(folders[0], "**", "*.txt")!r})'
+              if folders else '')
+      raise ValueError(f'data.files={c["files"]!r} matches no file{hint}')
+    root = os.path.commonpath(paths)
   else:
     raise ValueError(f"data.source must be 'stdlib', 'shakespeare', 'files' or 'tokens', got {source!r}")
   paths = sorted(set(paths))
@@ -97,7 +101,22 @@ class Corpus:
   train: np.ndarray  # flat token ids (memory-mapped)
   val: np.ndarray
   tokenizer: Any  # tokenizers.Tokenizer, or None for a pre-tokenized source without one
-  vocab_size: int
+  vocab_size: int  # the tokenizer's (0 without one)
+
+
+_IDENTITY = {'tokens': ('source', 'tokens_path', 'tokens_dtype', 'val_fraction', 'tokenizer_path'),
+             'text': ('source', 'files', 'max_documents', 'vocab_size', 'val_fraction')}
+
+
+def identity(c: Mapping[str, Any]) -> dict[str, Any]:
+  """The data settings that decide a run's token ids (corpus, split, tokenizer): a run resumed under other
+  ones would train its weights on another vocabulary's ids."""
+  return {k: c.get(k) for k in _IDENTITY['tokens' if c['source'] == 'tokens' else 'text']}
+
+
+def fingerprint(c: Mapping[str, Any]) -> str:
+  """The hash data/meta.json records for a text corpus built from `c`."""
+  return hashlib.sha256(json.dumps(identity(c), sort_keys=True).encode()).hexdigest()
 
 
 def prepare(c: Mapping[str, Any], directory: str) -> Corpus:
@@ -105,15 +124,13 @@ def prepare(c: Mapping[str, Any], directory: str) -> Corpus:
   os.makedirs(directory, exist_ok=True)
   if c['source'] == 'tokens':
     return _token_file(c)
-  fingerprint = hashlib.sha256(json.dumps(
-      {k: c.get(k) for k in ('source', 'files', 'max_documents', 'vocab_size', 'val_fraction')},
-      sort_keys=True).encode()).hexdigest()
+  fingerprint_ = fingerprint(c)
   meta_path = os.path.join(directory, 'meta.json')
   paths = {name: os.path.join(directory, name) for name in ('tokenizer.json', 'train.bin', 'val.bin')}
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
-    if meta['fingerprint'] == fingerprint:
+    if meta['fingerprint'] == fingerprint_:
       tokenizer = load_tokenizer(paths['tokenizer.json'])
       dtype = np.dtype(meta['dtype'])
       return Corpus(np.memmap(paths['train.bin'], dtype, 'r'), np.memmap(paths['val.bin'], dtype, 'r'), tokenizer,
@@ -131,18 +148,44 @@ def prepare(c: Mapping[str, Any], directory: str) -> Corpus:
     _atomic_write(paths[f'{split}.bin'], lambda f, ids=ids: ids.tofile(f))
   _atomic_write(paths['tokenizer.json'], lambda f: f.write(tokenizer.to_str().encode()))
   _atomic_write(meta_path, lambda f: f.write(json.dumps(
-      {'fingerprint': fingerprint, 'dtype': dtype.name, 'documents': len(docs),
+      {'fingerprint': fingerprint_, 'dtype': dtype.name, 'documents': len(docs),
        'val_documents': sorted(val_names)}).encode()))
   return prepare(c, directory)
 
 
 def _token_file(c: Mapping[str, Any]) -> Corpus:
+  """A pre-tokenized corpus: a 1-D integer .npy, or raw ids of data.tokens_dtype. Ids are checked against the
+  model's vocabulary as batches are read (window), not by a pass over a possibly huge file here."""
   path = c['tokens_path']
-  tokens = np.load(path, mmap_mode='r') if path.endswith('.npy') else np.memmap(path, np.dtype(c['tokens_dtype']), 'r')
+  if not path:
+    raise ValueError("data.tokens_path is empty: data.source='tokens' reads a .npy or a raw file of token ids")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'data.tokens_path={path!r} is not a file')
+  if path.endswith('.npy'):
+    try:
+      tokens = np.load(path, mmap_mode='r', allow_pickle=False)
+    except ValueError as error:
+      raise ValueError(f'data.tokens_path={path!r} is not a readable .npy array ({error})') from None
+    if tokens.ndim != 1:
+      raise ValueError(f'data.tokens_path={path!r} holds an array of shape {tokens.shape}; token ids must be 1-D '
+                       '(documents joined end to end)')
+  else:
+    try:
+      dtype = np.dtype(c['tokens_dtype'])
+    except TypeError:
+      raise ValueError(f'data.tokens_dtype={c["tokens_dtype"]!r} is not a numpy dtype') from None
+    size = os.path.getsize(path)
+    if dtype.kind in 'iu' and size % dtype.itemsize:
+      raise ValueError(f'data.tokens_path={path!r} holds {size} bytes, not a whole number of '
+                       f'{dtype.name} ids ({dtype.itemsize} bytes each): truncated, or another tokens_dtype')
+    tokens = np.memmap(path, dtype, 'r') if size else np.zeros(0, dtype)
+  if tokens.dtype.kind not in 'iu':
+    raise ValueError(f'data.tokens_path={path!r} holds {tokens.dtype} values; token ids must be integers')
+  if len(tokens) == 0:
+    raise ValueError(f'data.tokens_path={path!r} holds no tokens')
   split = int(len(tokens) * (1 - c['val_fraction']))
   tokenizer = load_tokenizer(c['tokenizer_path']) if c.get('tokenizer_path') else None
-  vocab = tokenizer.get_vocab_size() if tokenizer else int(tokens.max()) + 1
-  return Corpus(tokens[:split], tokens[split:], tokenizer, vocab)
+  return Corpus(tokens[:split], tokens[split:], tokenizer, tokenizer.get_vocab_size() if tokenizer else 0)
 
 
 def _atomic_write(path: str, write) -> None:
@@ -159,8 +202,16 @@ def num_windows(tokens: np.ndarray, seq_len: int) -> int:
   return max((len(tokens) - 1) // seq_len, 0)
 
 
-def window(tokens: np.ndarray, seq_len: int, index: int) -> np.ndarray:
-  return np.asarray(tokens[index * seq_len:index * seq_len + seq_len + 1], np.int32)
+def window(tokens: np.ndarray, seq_len: int, index: int, vocab_size: int = 0) -> np.ndarray:
+  """Window `index`: tokens [index x seq_len, + seq_len + 1). With vocab_size, an id outside [0, vocab_size)
+  raises, naming the file and position (an embedding lookup would clamp it, and the loss turn NaN)."""
+  ids = tokens[index * seq_len:index * seq_len + seq_len + 1]
+  if vocab_size and ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    offset = int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
+    where = getattr(tokens, 'filename', None) or 'the token array'
+    raise ValueError(f'data: token id {int(ids[offset])} in {where} (window {index} of its split, token {offset}) '
+                     f'is outside the model vocabulary [0, {vocab_size})')
+  return np.asarray(ids, np.int32)
 
 
 class BatchIterator:
@@ -199,13 +250,14 @@ class BatchIterator:
     self._order = self._permutation(self.epoch)
 
 
-def global_batch(tokens: np.ndarray, seq_len: int, indices: np.ndarray, sharding) -> jax.Array:
+def global_batch(tokens: np.ndarray, seq_len: int, indices: np.ndarray, sharding, vocab_size: int = 0) -> jax.Array:
   """Windows [*indices.shape, seq_len + 1] as one global array: each process reads only the rows of the
-  shards its own devices hold (multi-host: each host feeds its part of the batch)."""
+  shards its own devices hold (multi-host: each host feeds its part of the batch). vocab_size: see window."""
 
   def rows(index):
     picked = indices[index[:indices.ndim]]
-    block = np.stack([window(tokens, seq_len, i) for i in picked.ravel()]).reshape(*picked.shape, seq_len + 1)
+    block = np.stack([window(tokens, seq_len, i, vocab_size) for i in picked.ravel()]).reshape(
+        *picked.shape, seq_len + 1)
     return block[(Ellipsis, index[indices.ndim])]
 
   return jax.make_array_from_callback((*indices.shape, seq_len + 1), sharding, rows)
@@ -216,11 +268,12 @@ def host_batch(batch: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
 
 
-def validation_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int) -> list[np.ndarray]:
+def validation_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int,
+                       vocab_size: int = 0) -> list[np.ndarray]:
   """The first windows of the validation split, in order: the same batches at every evaluation."""
   n = min(num_windows(tokens, seq_len), batch_size * max_batches)
   if n < batch_size:
     raise ValueError(f'data: the validation split ({len(tokens)} tokens) does not fill one batch of '
                      f'{batch_size} x {seq_len + 1}; raise data.val_fraction or lower eval_batch_size')
-  rows = np.stack([window(tokens, seq_len, i) for i in range(n // batch_size * batch_size)])
+  rows = np.stack([window(tokens, seq_len, i, vocab_size) for i in range(n // batch_size * batch_size)])
   return list(rows.reshape(-1, batch_size, seq_len + 1))

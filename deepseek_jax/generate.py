@@ -27,7 +27,7 @@ from flax import nnx
 
 from deepseek_jax.cache import Cache, CacheForm
 from deepseek_jax.model import DeepSeekV3
-from deepseek_jax.sampling import SamplingParams, accept_draft, sample
+from deepseek_jax.sampling import SamplingParams, accept_draft, check_params, sample
 
 
 class Generation(NamedTuple):
@@ -95,16 +95,22 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
 def _check(cfg, prompts, max_new_tokens, params, speculative):
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError('generate: every prompt needs at least one token')
-  longest = max(len(p) for p in prompts)
-  if longest + max_new_tokens + (1 if speculative else 0) > cfg.max_seq_len:
-    raise ValueError(f'generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model '
-                     f'max_seq_len {cfg.max_seq_len}')
   if max_new_tokens < 1:
-    raise ValueError('generate: max_new_tokens must be >= 1')
+    raise ValueError(f'generate: max_new_tokens={max_new_tokens} must be >= 1')
+  longest = max(len(p) for p in prompts)
+  room = max_new_limit(cfg, longest, speculative)
+  if max_new_tokens > room:
+    extra = ' + 1 (a speculative step writes its draft one position further)' if speculative else ''
+    raise ValueError(f'generate: prompt length {longest} + max_new_tokens {max_new_tokens}{extra} exceeds the '
+                     f'model max_seq_len {cfg.max_seq_len}: at most {max(room, 0)} new tokens fit')
   if speculative and not cfg.n_mtp_layers:
     raise ValueError('generate: speculative decoding drafts with the MTP module; this model has none')
-  if params.temperature < 0 or not 0 < params.top_p <= 1 or not 0 <= params.top_k <= cfg.vocab_size:
-    raise ValueError(f'generate: invalid sampling parameters {params}')
+  check_params(params, cfg.vocab_size)
+
+
+def max_new_limit(cfg, prompt_length: int, speculative: bool = False) -> int:
+  """The most tokens generate() can add to a prompt of this length within cfg.max_seq_len."""
+  return cfg.max_seq_len - prompt_length - (1 if speculative else 0)
 
 
 def _until_stop(tokens, stops):

@@ -130,11 +130,9 @@ def load_hf(path: str, rt: Runtime = Runtime()) -> tuple[ModelConfig, DeepSeekV3
   NOTE: every stacked tensor is assembled in host memory and placed on one device, so the model must fit
   both; sharded, streaming loading of the 671B checkpoints is not built yet.
   """
-  with open(os.path.join(path, 'config.json')) as f:
-    hf_config = json.load(f)
+  cfg, hf_config = read_config(path)
   _check_quantization(hf_config.get('quantization_config'))
   store = SafetensorsDir(path)
-  cfg = from_hf(hf_config)
   # The MTP layers are optional in a checkpoint (transformers' save_pretrained drops them).
   present = sum(f'model.layers.{cfg.n_layers + k}.eh_proj.weight' in store for k in range(cfg.n_mtp_layers))
   cfg = cfg.replace(n_mtp_layers=present)
@@ -146,6 +144,24 @@ def load_hf(path: str, rt: Runtime = Runtime()) -> tuple[ModelConfig, DeepSeekV3
   for path, variable in nnx.to_flat_state(state):
     variable.set_value(jnp.asarray(_assemble(store, layout[path], variable.shape, variable.dtype, rt)))
   return cfg, nnx.merge(graphdef, state)
+
+
+def read_config(path: str) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, the raw dict) of a HF directory's config.json; errors name the file."""
+  config_path = os.path.join(path, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'{config_path} does not exist: not a Hugging Face model directory')
+  try:
+    with open(config_path) as f:
+      hf_config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f'{config_path} is not valid JSON ({error})') from None
+  if not isinstance(hf_config, dict):
+    raise ValueError(f'{config_path} is not a JSON object')
+  try:
+    return from_hf(hf_config), hf_config
+  except (ValueError, TypeError) as error:
+    raise ValueError(f"{config_path}: {str(error).removeprefix('config.json: ')}") from None
 
 
 def _check_quantization(quant) -> None:

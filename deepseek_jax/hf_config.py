@@ -14,8 +14,24 @@ from typing import Any, Mapping
 from deepseek_jax.config import ModelConfig, yarn_mscale
 
 
+_NUMBERS = ('vocab_size', 'hidden_size', 'intermediate_size', 'moe_intermediate_size', 'num_hidden_layers',
+            'first_k_dense_replace', 'num_attention_heads', 'n_routed_experts', 'n_shared_experts',
+            'num_experts_per_tok', 'n_group', 'topk_group', 'routed_scaling_factor', 'q_lora_rank', 'kv_lora_rank',
+            'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim', 'max_position_embeddings', 'rope_theta',
+            'rms_norm_eps', 'initializer_range', 'num_nextn_predict_layers')
+_ROPE_NUMBERS = ('rope_theta', 'factor', 'original_max_position_embeddings', 'beta_fast', 'beta_slow', 'mscale',
+                 'mscale_all_dim', 'attention_factor')
+
+
 def from_hf(hf: Mapping[str, Any], **overrides) -> ModelConfig:
   """Reads a Hugging Face DeepSeek-V2/V3 `config.json` dict."""
+  rope_key = 'rope_parameters' if hf.get('rope_parameters') else 'rope_scaling'
+  for where, keys in (('', (hf, _NUMBERS)), (f'{rope_key}.', (hf.get(rope_key) or {}, _ROPE_NUMBERS))):
+    table, names = keys
+    for key in names:  # sizes written as strings fail here, named, not as a TypeError deep inside
+      value = table.get(key)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f'config.json: {where}{key}={value!r} must be a number')
   return ModelConfig(**{**_kwargs(hf), **overrides})
 
 

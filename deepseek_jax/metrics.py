@@ -16,11 +16,11 @@ class MetricsWriter:
     self.enabled = enabled  # False: another process writes the run's metrics
     if not enabled:
       return
-    records = read_metrics(self.path)
-    kept = [r for r in records if r['step'] <= resume_step]
-    if len(kept) != len(records):
-      with open(self.path, 'w') as f:
+    if os.path.exists(self.path):  # rewritten whole (atomically): also drops a last line a crash cut short
+      kept = [r for r in read_metrics(self.path) if r['step'] <= resume_step]
+      with open(self.path + '.tmp', 'w') as f:
         f.writelines(json.dumps(r) + '\n' for r in kept)
+      os.replace(self.path + '.tmp', self.path)
     self._file = open(self.path, 'a')
     try:
       from tensorboardX import SummaryWriter
@@ -48,10 +48,21 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl. A last line cut short (a crash while it was written) is dropped with a
+  warning; a damaged line before it raises, naming the file and line."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for number, line in lines:
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as error:
+      if number != lines[-1][0]:
+        raise ValueError(f'{path}, line {number}: not a JSON record ({error}); fix or remove the line') from None
+      logging.warning('%s: dropping its last line, cut short (%r)', path, line[:80])
+  return records
 
 
 def plot_loss_curve(runs: dict[str, list[dict]], path: str, smooth: int = 1) -> None:

@@ -9,6 +9,7 @@ is read from disk until a tensor is asked for. Writing goes through `safetensors
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -81,13 +82,37 @@ class SafetensorsDir:
 
 
 def _read_header(file_path: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+  """The tensors of one file, its layout checked against the file's size before anything is mapped: a
+  truncated, empty or foreign file (a pickle named .safetensors) fails here, named."""
+  size = os.path.getsize(file_path)
+  bad = lambda why: ValueError(f'{file_path} is not a complete safetensors file: {why}')
   with open(file_path, 'rb') as f:
+    if size < 8:
+      raise bad(f'{size} bytes, shorter than the 8-byte header length')
     (n,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(n))
+    if n > size - 8:
+      raise bad(f'its header length {n} exceeds the {size - 8} bytes after it (truncated, or another format)')
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+      raise bad(f'its header is not JSON ({error})') from None
+  if not isinstance(header, dict):
+    raise bad('its header is not a JSON object')
   header.pop('__metadata__', None)
   data_start = 8 + n
-  return {name: (info['dtype'], tuple(info['shape']), data_start + info['data_offsets'][0],
-                 data_start + info['data_offsets'][1]) for name, info in header.items()}
+  entries = {}
+  for name, info in header.items():
+    try:
+      code, shape, (begin, end) = info['dtype'], tuple(int(d) for d in info['shape']), info['data_offsets']
+    except (KeyError, TypeError, ValueError):
+      raise bad(f'tensor {name!r} has no valid dtype / shape / data_offsets ({info!r})') from None
+    if data_start + end > size or not 0 <= begin <= end:
+      raise bad(f'tensor {name!r} needs bytes [{data_start + begin}, {data_start + end}) of a {size}-byte file '
+                '(truncated)')
+    if code in DTYPES and end - begin != math.prod(shape) * DTYPES[code].itemsize:
+      raise bad(f'tensor {name!r}: {end - begin} bytes for shape {shape} of {code}')
+    entries[name] = (code, shape, data_start + begin, data_start + end)
+  return entries
 
 
 def write_dir(path: str, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],

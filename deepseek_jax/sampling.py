@@ -29,6 +29,16 @@ class SamplingParams(NamedTuple):
   top_p: float = 1.0
 
 
+def check_params(params: SamplingParams, vocab_size: int) -> None:
+  """Raises ValueError naming the first sampling parameter no sampler can use (NaN included)."""
+  if not 0 <= params.temperature < float('inf'):
+    raise ValueError(f'temperature={params.temperature} must be a finite number >= 0 (0: greedy)')
+  if not 0 < params.top_p <= 1:
+    raise ValueError(f'top_p={params.top_p} must lie in (0, 1]')
+  if not 0 <= params.top_k <= vocab_size:
+    raise ValueError(f'top_k={params.top_k} must lie in [0, vocab_size={vocab_size}] (0: all)')
+
+
 def filtered_logits(logits_BW, params: SamplingParams):
   """Logits / temperature in float32 with every token outside the top-k and the top-p nucleus at -inf."""
   logits_BW = logits_BW.astype(jnp.float32) / params.temperature

@@ -4,6 +4,13 @@ Rerunning the same command resumes from the newest readable checkpoint with the 
 stopped, so per-step losses match an uninterrupted run bit for bit on CPU. SIGTERM / SIGINT finish the
 current step, save, and return (a TPU VM preemption notice becomes a clean exit). Metrics go to
 WORKDIR/metrics.jsonl and TensorBoard; the run ends with a loss-curve PNG and a greedy sample.
+
+Nothing of a run is lost (run_dir.py): one trainer holds a directory at a time; a rerun whose architecture or
+data differ from the run's is refused before anything is written; an unreadable checkpoint is moved aside
+and the run continues from the previous one; when none is readable the rerun is refused unless it asks
+for a fresh start (overwrite=True), which moves the old run aside. A step whose loss, gradient or update is
+not finite, or whose update is larger than the weights it changes, is skipped (train_step.py), so a saved
+state is always one that trained normally.
 """
 
 from __future__ import annotations
@@ -22,17 +29,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from deepseek_jax import data, schedules, sharding
+from deepseek_jax import data, run_dir, schedules, sharding
 from deepseek_jax.checkpoint import Checkpointer
-from deepseek_jax.config import PRESETS, ModelConfig, Runtime
+from deepseek_jax.config import ModelConfig, Runtime
+from deepseek_jax.run_config import batch_ramp, model_config, runtime, schedule, validate
 from deepseek_jax.generate import generate
 from deepseek_jax.metrics import MetricsWriter, plot_loss_curve, read_metrics
 from deepseek_jax.model import DeepSeekV3, moe_layer_ids
 from deepseek_jax.optimizer import adamw
 from deepseek_jax.train_step import Hyper, TrainState, eval_step, init_train_state, train_step
 
-
-MODEL_FILE = 'model.json'
 
 
 @dataclasses.dataclass
@@ -43,43 +49,39 @@ class TrainResult:
   sample: str | None
 
 
-def model_config(config) -> ModelConfig:
-  """The run's architecture: the preset with config.model_overrides, and the vocabulary of the tokenizer the
-  run trains (data.vocab_size) unless the data is pre-tokenized (then the preset's, or an override)."""
-  overrides = dict(config.get('model_overrides', {}))
-  if config.data.source != 'tokens':
-    if 'vocab_size' in overrides and overrides['vocab_size'] != config.data.vocab_size:
-      raise ValueError(f'model_overrides.vocab_size={overrides["vocab_size"]} differs from data.vocab_size='
-                       f'{config.data.vocab_size}: the vocabulary is the tokenizer\'s the run trains; set '
-                       'data.vocab_size only')
-    overrides['vocab_size'] = config.data.vocab_size
-  return PRESETS[config.model].replace(**overrides)
-
-
-def runtime(config) -> Runtime:
-  """How the run executes the model: config.runtime's fields (dtypes, remat, FP8 recipe, kernels, ...)."""
-  return Runtime(**dict(config.get('runtime', {})))
-
-
-def train(config, workdir: str) -> TrainResult:
-  """Trains (or resumes) the run in `workdir` as `config` describes."""
+def train(config, workdir: str, overwrite: bool = False) -> TrainResult:
+  """Trains (or resumes) the run in `workdir` as `config` describes. overwrite: start afresh, moving any
+  earlier run in `workdir` aside to a sibling directory."""
+  validate(config)
   cfg, rt = model_config(config), runtime(config)
   if rt.fp8_weights:
     raise ValueError('runtime.fp8_weights holds weights as FP8 codes for inference; training needs the fp32 '
                      "master weights (set runtime.quant='fp8' for the FP8 training recipe)")
+  if config.seq_len > cfg.max_seq_len:
+    raise ValueError(f'seq_len={config.seq_len} exceeds the model max_seq_len={cfg.max_seq_len}')
+  resolved = schedule(config)
+  mesh = sharding.make_mesh(**dict(config.mesh))
+  _check_batching(config, sharding.batch_devices(mesh))
   workdir = os.path.abspath(workdir)  # orbax writes sharded arrays to absolute paths only
   os.makedirs(workdir, exist_ok=True)
   primary = jax.process_index() == 0  # multi-host: process 0 writes the run's files, all write checkpoints
-  if primary:
-    with open(os.path.join(workdir, MODEL_FILE), 'w') as f:  # what restore_model rebuilds the model from
-      json.dump(dataclasses.asdict(cfg), f, indent=2)
+  with contextlib.ExitStack() as held:
+    if primary:  # one writer per directory, for the whole run
+      held.enter_context(run_dir.RunLock(workdir))
+    return _train(config, workdir, overwrite, cfg, rt, resolved, mesh, primary, held)
+
+
+def _train(config, workdir, overwrite, cfg, rt, resolved, mesh, primary, held: contextlib.ExitStack) -> TrainResult:
+  record = {'data': data.identity(config.data)}
+  if overwrite and primary and run_dir.has_run(workdir):
+    logging.warning('--overwrite: the earlier run in %s moved to %s', workdir, run_dir.move_aside(workdir))
+  _sync('run directory ready')
+  fingerprint = data.fingerprint(config.data) if config.data.source != 'tokens' else None
+  run_dir.check_compatible(workdir, cfg, record, fingerprint)  # before anything is written
   corpus = _prepare_data(config, workdir, primary)
   if corpus.vocab_size > cfg.vocab_size:
-    raise ValueError(f'the tokenizer has {corpus.vocab_size} tokens but the model vocab_size is {cfg.vocab_size}')
-  if config.seq_len > cfg.max_seq_len:
-    raise ValueError(f'seq_len={config.seq_len} exceeds the model max_seq_len={cfg.max_seq_len}')
-  mesh = sharding.make_mesh(**dict(config.mesh))
-  _check_batching(config, sharding.batch_devices(mesh))
+    raise ValueError(f'the tokenizer ({config.data.tokenizer_path or "data/tokenizer.json"}) has {corpus.vocab_size} '
+                     f'tokens but the model vocab_size is {cfg.vocab_size}')
   pipeline = None
   if mesh.shape['pipeline'] > 1:
     pipeline = (mesh, config.pipeline_schedule)
@@ -95,25 +97,38 @@ def train(config, workdir: str) -> TrainResult:
   graphdef, abstract_state = nnx.eval_shape(fresh_state)
   shardings = sharding.state_shardings(abstract_state, mesh)
   checkpoints = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints)
+  held.callback(checkpoints.close)  # its async saves finish before the lock is released
   batches = data.BatchIterator(corpus.train, config.seq_len, config.seed)
-  restored = checkpoints.restore(sharding.with_shardings(abstract_state, shardings))  # onto this mesh
+  # Onto this mesh; unreadable checkpoints go to damaged_checkpoints/, so their steps are saved again.
+  restored = checkpoints.restore(sharding.with_shardings(abstract_state, shardings),
+                                 damaged_dir=os.path.join(workdir, run_dir.DAMAGED))
+  if restored is None and run_dir.damaged_steps(workdir):  # a run was saved here, and none of it reads
+    raise run_dir.RunDirError(
+        f'no checkpoint of the run in {workdir} is readable (the damaged ones are in '
+        f'{os.path.join(workdir, run_dir.DAMAGED)}); refusing to start it over. Pass --overwrite to start afresh '
+        'here (the old run is moved aside, not deleted), or use another --workdir.')
+  if primary:
+    run_dir.record(workdir, cfg, record)  # what restore_model rebuilds the model from, and the next check
   if restored is None:
     step, tokens_seen = 0, 0
     state = jax.jit(lambda: fresh_state()[1], out_shardings=shardings)()  # each device builds its shards
     logging.info('new run in %s: %s', workdir, _size(cfg))
   else:
-    step, state, meta = restored
+    step, state, meta = restored.step, restored.state, restored.meta
     tokens_seen = meta['tokens_seen']
     batches.restore(meta['data'])
     logging.info('resumed from step %d (%d tokens seen) in %s', step, tokens_seen, workdir)
+  logging.info('%s', schedules.describe(resolved, config.batch_size * config.seq_len))
 
   replicated = sharding.replicated(mesh)
-  step_fn = jax.jit(functools.partial(train_step, graphdef, tx, pipeline=pipeline),
+  step_fn = jax.jit(functools.partial(train_step, graphdef, tx, pipeline=pipeline,
+                                      max_update_ratio=config.max_update_ratio),
                     out_shardings=(shardings, replicated), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, graphdef), out_shardings=replicated)
-  batch_NBS = sharding.batch_sharding(mesh, 3, 1)
+  sharding_NBS = sharding.batch_sharding(mesh, 3, 1)
   eval_BS = sharding.batch_sharding(mesh, 2, 0, config.eval_batch_size)
-  val_batches = data.validation_batches(corpus.val, config.seq_len, config.eval_batch_size, config.eval_batches)
+  val_batches = data.validation_batches(corpus.val, config.seq_len, config.eval_batch_size, config.eval_batches,
+                                       cfg.vocab_size)
   metrics = MetricsWriter(workdir, resume_step=step, enabled=primary)
   stop = _StopRequest()
   meta = lambda: {'step': step, 'tokens_seen': tokens_seen, 'data': batches.state()}
@@ -125,14 +140,14 @@ def train(config, workdir: str) -> TrainResult:
   with contextlib.ExitStack() as cleanup:
     # Traced under the mesh: the MoE layers see its 'expert' axis and dispatch over it (expert_parallel.py).
     cleanup.enter_context(jax.set_mesh(mesh))
-    for close in (stop.release, metrics.close, checkpoints.close):  # on the way out, last first
+    for close in (stop.release, metrics.close):  # on the way out, last first
       cleanup.callback(close)
     while step < config.steps and not stop.requested:
-      hyper, n_sequences = _hyper(config, tokens_seen)
+      hyper, n_sequences = _hyper(config, resolved, tokens_seen)
       micro = config.microbatch_size or n_sequences
       indices_NB = batches.next_indices(n_sequences).reshape(n_sequences // micro, micro)
-      state, step_metrics = step_fn(state, data.global_batch(corpus.train, config.seq_len, indices_NB, batch_NBS),
-                                    hyper)
+      tokens_NBS = data.global_batch(corpus.train, config.seq_len, indices_NB, sharding_NBS, cfg.vocab_size)
+      state, step_metrics = step_fn(state, tokens_NBS, hyper)
       step, tokens_seen = step + 1, tokens_seen + n_sequences * config.seq_len
       # Read the previous step's metrics only now, so the host never waits for the step it just dispatched.
       if pending is not None:
@@ -164,22 +179,29 @@ def train(config, workdir: str) -> TrainResult:
 def restore_model(workdir: str, rt: Runtime = Runtime()) -> tuple[ModelConfig, DeepSeekV3, int]:
   """The model of a training run's newest readable checkpoint, run as `rt` says: (config, model, step)."""
   workdir = os.path.abspath(workdir)  # orbax reads from absolute paths only
-  path = os.path.join(workdir, MODEL_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training run directory')
-  with open(path) as f:
-    cfg = ModelConfig(**json.load(f))
+  cfg = run_model_config(workdir)
   graphdef, abstract = nnx.eval_shape(lambda: init_train_state(DeepSeekV3(cfg, rt, nnx.Rngs(0)), adamw()))
   checkpoints = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
   one_device = sharding.state_shardings(abstract, sharding.make_mesh(data=1))  # whatever mesh trained it
-  try:
+  try:  # a reader: damaged checkpoints are skipped, not moved (a trainer may own the directory)
     restored = checkpoints.restore(sharding.with_shardings(abstract, one_device))
   finally:
     checkpoints.close()
   if restored is None:
     raise FileNotFoundError(f'no readable checkpoint under {os.path.join(workdir, "checkpoints")}')
-  step, state, _ = restored
-  return cfg, nnx.merge(graphdef, state.params, state.bias), step
+  if restored.skipped:
+    logging.warning('restored step %d of %s: the newest readable checkpoint; skipped %s', restored.step, workdir,
+                    '; '.join(restored.skipped))
+  return cfg, nnx.merge(graphdef, restored.state.params, restored.state.bias), restored.step
+
+
+def run_model_config(workdir: str) -> ModelConfig:
+  """The architecture a training run recorded (WORKDIR/model.json)."""
+  path = os.path.join(workdir, run_dir.MODEL_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training run directory')
+  with open(path) as f:
+    return ModelConfig(**json.load(f))
 
 
 def _prepare_data(config, workdir: str, primary: bool) -> data.Corpus:
@@ -206,25 +228,33 @@ def _check_batching(config, batch_devices: int) -> None:
                      f'by the mesh\'s data x expert = {batch_devices} devices')
 
 
-def _hyper(config, tokens_seen: int) -> tuple[Hyper, int]:
-  ramp = config.get('batch_ramp')
-  n = config.batch_size if not ramp else schedules.batch_size(
-      tokens_seen, dict(start=ramp.start, end=config.batch_size, ramp_tokens=ramp.tokens, multiple=ramp.multiple))
-  hyper = Hyper(lr=jnp.float32(schedules.learning_rate(tokens_seen, config.lr)),
-                gamma=jnp.float32(schedules.piecewise(tokens_seen, config.gamma)),
-                mtp_lambda=jnp.float32(schedules.piecewise(tokens_seen, config.mtp_lambda)),
+def _hyper(config, resolved: schedules.Resolved, tokens_seen: int) -> tuple[Hyper, int]:
+  ramp = batch_ramp(config)
+  n = schedules.batch_size(tokens_seen, ramp) if ramp else config.batch_size
+  hyper = Hyper(lr=jnp.float32(schedules.learning_rate(tokens_seen, resolved.lr)),
+                gamma=jnp.float32(schedules.piecewise(tokens_seen, resolved.gamma)),
+                mtp_lambda=jnp.float32(schedules.piecewise(tokens_seen, resolved.mtp_lambda)),
                 balance_alpha=jnp.float32(config.balance_alpha))
   return hyper, n
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def _record(metrics, clock, config, cfg: ModelConfig, step, step_metrics, lr, n_tokens, val_loss) -> None:
   values = jax.device_get(step_metrics)
   if not values['ok']:
-    logging.warning('step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped', step,
-                    values['loss'], values['grad_norm'])
+    logging.warning('step %d skipped: loss %s, grad norm %s, update / weights norm %s (a step is kept when all are '
+                    'finite and the update ratio is <= max_update_ratio=%s)', step, values['loss'], values['grad_norm'],
+                    values['update_ratio'], config.max_update_ratio)
     if values['streak'] >= config.max_nonfinite_streak:  # TrainState.streak: it survives a restart
-      raise FloatingPointError(f'{values["streak"]} consecutive steps with a non-finite loss or gradient (last: '
-                               f'step {step}); the newest checkpoint holds the last good state')
+      raise FloatingPointError(
+          f'{values["streak"]} consecutive steps skipped (last: step {step}) for a non-finite loss, gradient or '
+          'update, or an update larger than max_update_ratio x the weights; skipped steps change no weights, so '
+          'every saved checkpoint holds a state that trained normally. Lower config.lr.peak or look at the data.')
   # Per MoE layer, named by its layer id in the checkpoint (MTP depth k: layer n_layers + k).
   loads = {layer: float(ratio) for path, ratios in values.pop('load_max_over_mean').items()
            for layer, ratio in zip(moe_layer_ids(cfg, path), np.atleast_1d(ratios))}

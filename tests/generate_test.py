@@ -90,8 +90,19 @@ class GenerateTest(parameterized.TestCase):
     self.assertNotEqual(a.tokens, generate(self.model, PROMPTS, 8, params, seed=5).tokens)
 
   def test_errors(self):
-    with self.assertRaisesRegex(ValueError, 'max_seq_len'):
+    m = self.model.cfg.max_seq_len
+    with self.assertRaisesRegex(ValueError, f'prompt length 120 \\+ max_new_tokens 20 exceeds the model max_seq_len '
+                                f'{m}: at most {m - 120} new tokens fit'):
       generate(self.model, [[1] * 120], 20)
+    # Speculative decoding writes one position past the last token: the limit is one lower, and says why.
+    with self.assertRaisesRegex(ValueError, f'max_new_tokens {m - 120} \\+ 1 \\(a speculative step writes its draft '
+                                f'one position further\\) exceeds the model max_seq_len {m}: at most {m - 121}'):
+      generate(self.model, [[1] * 120], m - 120, speculative=True)
+    for params, field in ((SamplingParams(temperature=float('nan')), 'temperature=nan'),
+                          (SamplingParams(temperature=float('inf')), 'temperature=inf'),
+                          (SamplingParams(top_p=float('nan')), 'top_p=nan'), (SamplingParams(top_k=-1), 'top_k=-1')):
+      with self.assertRaisesRegex(ValueError, field):
+        generate(self.model, [[1]], 4, params)
     with self.assertRaisesRegex(ValueError, 'at least one token'):
       generate(self.model, [[1, 2], []], 4)
     with self.assertRaisesRegex(ValueError, 'MTP module'):

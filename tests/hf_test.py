@@ -2,6 +2,7 @@
 and a clear error for every kind of bad checkpoint."""
 
 import json
+import struct
 import os
 
 import jax.numpy as jnp
@@ -243,3 +244,68 @@ class BadCheckpointTest(parameterized.TestCase):
     os.remove(os.path.join(self.good, 'config.json'))
     with self.assertRaisesRegex(FileNotFoundError, 'config.json'):
       load_hf(self.good)
+
+
+class DamagedFilesTest(parameterized.TestCase):
+  """Files that are not what their names say: each error names the file (and the tensor or field)."""
+
+  def setUp(self):
+    super().setUp()
+    self.dir = os.path.join(self.create_tempdir().full_path, 'ckpt')
+    self.config = hf_tiny_checkpoint(self.dir)
+    self.file = os.path.join(self.dir, 'model.safetensors')
+    with open(self.file, 'rb') as f:
+      self.bytes = f.read()
+    (self.header_length,) = struct.unpack('<Q', self.bytes[:8])
+
+  def overwrite(self, content: bytes):
+    with open(self.file, 'wb') as f:
+      f.write(content)
+
+  def test_truncated_mid_file(self):
+    self.overwrite(self.bytes[:len(self.bytes) // 2])
+    with self.assertRaisesRegex(ValueError, f'{self.file} is not a complete safetensors file: tensor .* needs bytes '
+                                r'\[\d+, \d+\) of a \d+-byte file \(truncated\)'):
+      load_hf(self.dir)
+
+  def test_truncated_inside_the_header(self):
+    self.overwrite(self.bytes[:8 + self.header_length // 2])
+    with self.assertRaisesRegex(ValueError, f'{self.file} is not a complete safetensors file: its header length '
+                                f'{self.header_length} exceeds'):
+      load_hf(self.dir)
+
+  def test_zero_bytes(self):
+    self.overwrite(b'')
+    with self.assertRaisesRegex(ValueError, f'{self.file} is not a complete safetensors file: 0 bytes'):
+      load_hf(self.dir)
+
+  def test_garbage_header_length(self):
+    self.overwrite(struct.pack('<Q', 2**62) + self.bytes[8:])
+    with self.assertRaisesRegex(ValueError, f'header length {2**62} exceeds'):
+      load_hf(self.dir)
+
+  def test_garbage_header(self):
+    self.overwrite(self.bytes[:8] + b'\xff' * self.header_length + self.bytes[8 + self.header_length:])
+    with self.assertRaisesRegex(ValueError, f'{self.file} is not a complete safetensors file: its header is not JSON'):
+      load_hf(self.dir)
+
+  def test_a_pickle_named_safetensors(self):
+    import pickle
+    self.overwrite(pickle.dumps({'model.norm.weight': np.ones(4, np.float32)}))  # never unpickled
+    with self.assertRaisesRegex(ValueError, f'{self.file} is not a complete safetensors file'):
+      load_hf(self.dir)
+
+  def test_malformed_config_json(self):
+    with open(os.path.join(self.dir, 'config.json'), 'w') as f:
+      f.write('{"hidden_size": 64,')
+    with self.assertRaisesRegex(ValueError, f'{self.dir}/config.json is not valid JSON'):
+      load_hf(self.dir)
+
+  @parameterized.parameters(('hidden_size', '64', r"hidden_size='64' must be a number"),
+                            ('num_hidden_layers', 3.0, r'ModelConfig.n_layers: must be an int \(got 3.0\)'),
+                            ('routed_scaling_factor', 'x', r"routed_scaling_factor='x' must be a number"))
+  def test_sizes_of_the_wrong_type(self, key, value, message):
+    with open(os.path.join(self.dir, 'config.json'), 'w') as f:
+      json.dump({**self.config, key: value}, f)
+    with self.assertRaisesRegex(ValueError, f'{self.dir}/config.json: .*{message}'):
+      load_hf(self.dir)

@@ -143,9 +143,9 @@ class ShardedTrainStepTest(parameterized.TestCase):
     target = sharding.make_mesh(data=2, expert=4)
     abstract = jax.eval_shape(lambda: self.state)
     shardings = sharding.state_shardings(abstract, target)
-    step, restored, _ = Checkpointer(directory).restore(sharding.with_shardings(abstract, shardings))
-    self.assertEqual(step, 3)
-    for got, want, spec in zip(jax.tree.leaves(restored), jax.tree.leaves(self.state), jax.tree.leaves(shardings)):
+    restored = Checkpointer(directory).restore(sharding.with_shardings(abstract, shardings))
+    self.assertEqual((restored.step, restored.meta, restored.skipped), (3, {'step': 3}, []))
+    for got, want, spec in zip(jax.tree.leaves(restored.state), jax.tree.leaves(self.state), jax.tree.leaves(shardings)):
       np.testing.assert_array_equal(got, want)
       self.assertEqual(got.sharding, spec)
 

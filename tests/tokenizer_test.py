@@ -106,6 +106,25 @@ class HFDecodeLauncherTest(absltest.TestCase):
     self.assertEqual(split(plain), split(spec))
     self.assertTrue(split(plain).startswith('def '))
 
+  def test_tokenizer_and_sampling_are_checked_before_the_weights(self):
+    path = tempfile.mkdtemp()
+    tokens = hf_directory(path, vocab_size=600).get_vocab_size()
+    self.assertGreater(tokens, 300)
+    save_hf(PRESETS['tiny'].replace(vocab_size=300), random_model(PRESETS['tiny'].replace(vocab_size=300)), path)
+    with open(os.path.join(path, 'model.safetensors'), 'wb') as f:
+      f.write(b'not weights')  # reading the weights would fail on this first
+
+    def decode(*flags):
+      done = subprocess.run([sys.executable, '-m', 'launch.decode', f'--hf_dir={path}', '--prompt=def ', *flags],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+      self.assertEqual(done.returncode, 1, done.stderr[-3000:])
+      return done.stderr
+
+    self.assertIn(f'error: the tokenizer has {tokens} tokens but the model vocab_size is 300', decode())
+    self.assertIn('error: temperature=nan must be a finite number >= 0', decode('--temperature=nan'))
+    os.remove(os.path.join(path, 'tokenizer.json'))
+    self.assertIn(f'error: {path}/tokenizer.json does not exist', decode())
+
 
 if __name__ == '__main__':
   absltest.main()

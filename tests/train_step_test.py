@@ -123,21 +123,40 @@ class TrainStepTest(parameterized.TestCase):
     moved = [np.any(a != b) for a, b in zip(flat(frozen.params).values(), flat(self.state.params).values())]
     self.assertTrue(all(moved))
 
-  def test_nan_batch_is_skipped(self):
-    poisoned = self.state._replace(params=jax.tree.map(lambda x: x, self.state.params))
-    emb = poisoned.params['embed']['embedding']
-    emb.set_value(emb[...].at[5].set(jnp.nan))  # token 5 now embeds to NaN
-    clean = jnp.where(self.tokens == 5, 6, self.tokens)
-    bad = clean.at[0, 0, 3].set(5)
-    new, metrics = self.step(poisoned, bad, hyper())
+  def test_nan_loss_is_skipped(self):
+    # A non-finite loss (here through its balance weight) and so non-finite gradients, at finite weights.
+    new, metrics = self.step(self.state, self.tokens, hyper(alpha=np.nan))
     self.assertFalse(bool(metrics['ok']))
-    chex.assert_trees_all_equal(flat(new.params), flat(poisoned.params))
-    chex.assert_trees_all_equal(flat(new.bias), flat(poisoned.bias))
-    chex.assert_trees_all_equal(new.opt_state, poisoned.opt_state)
+    chex.assert_trees_all_equal(flat(new.params), flat(self.state.params))
+    chex.assert_trees_all_equal(flat(new.bias), flat(self.state.bias))
+    chex.assert_trees_all_equal(new.opt_state, self.state.opt_state)
     self.assertEqual((int(new.skipped), int(new.streak)), (1, 1))
-    after, metrics = self.step(new, clean, hyper())  # a clean batch trains again and ends the streak
+    after, metrics = self.step(new, self.tokens, hyper())  # a finite step trains again and ends the streak
     self.assertTrue(bool(metrics['ok']))
     self.assertEqual((int(after.skipped), int(after.streak)), (1, 0))
+
+  @parameterized.parameters(1e30, np.inf)
+  def test_diverging_update_is_skipped(self, lr):
+    # The loss and gradient at the current weights are finite; the update is not usable: at 1e30 the new
+    # weights would be finite but ~1e30 (every later step NaN); an lr of 1e39 is inf in float32.
+    new, metrics = self.step(self.state, self.tokens, hyper(lr=lr))
+    self.assertTrue(np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm']))
+    self.assertFalse(bool(metrics['ok']))
+    chex.assert_trees_all_equal(flat(new.params), flat(self.state.params))
+    chex.assert_trees_all_equal(new.opt_state, self.state.opt_state)
+    self.assertEqual((int(new.skipped), int(new.streak)), (1, 1))
+
+  def test_update_ratio_is_the_applied_step_over_the_weights(self):
+    new, metrics = self.step(self.state, self.tokens, hyper(lr=3e-3))
+    self.assertTrue(bool(metrics['ok']))
+    old_p, new_p = flat(self.state.params), flat(new.params)
+    norm = lambda tree: np.sqrt(sum(np.sum(np.square(np.asarray(v, np.float64))) for v in tree.values()))
+    want = norm({k: new_p[k] - old_p[k] for k in old_p}) / norm(old_p)
+    np.testing.assert_allclose(metrics['update_ratio'], want, rtol=1e-4)
+    self.assertLess(want, 1.0)  # a normal step: far below the default max_update_ratio
+    # A limit below the step's own ratio skips it; 0 disables the limit.
+    strict = jax.jit(functools.partial(train_step, self.graphdef, self.tx, max_update_ratio=want / 2))
+    self.assertFalse(bool(strict(self.state, self.tokens, hyper(lr=3e-3))[1]['ok']))
 
   def test_microbatches_equal_one_batch(self):
     # Plain gradient steps (identity transformation): new params = params - lr * averaged gradient. (An Adam
@@ -167,18 +186,19 @@ class NonFiniteStreakTest(absltest.TestCase):
 
   def test_streak_stops_the_run(self):
     from deepseek_jax import trainer
-    config = ml_collections.ConfigDict(dict(max_nonfinite_streak=3, log_every=100, steps=100))
+    config = ml_collections.ConfigDict(dict(max_nonfinite_streak=3, max_update_ratio=1.0, log_every=100, steps=100))
     writer = mock.Mock()
     clock = trainer._Clock(0, 100)
     loads = {'moe_layers/ffn': np.ones(2, np.float32), 'mtp/0/block/ffn': np.float32(1.5)}
-    bad = {'loss': np.float32(np.nan), 'grad_norm': np.float32(np.nan), 'ok': np.bool_(False), 'ce': 0.0,
-           'mtp': 0.0, 'balance': 0.0, 'load_max_over_mean': loads}
+    bad = {'loss': np.float32(np.nan), 'grad_norm': np.float32(np.nan), 'update_ratio': np.float32(np.nan),
+           'ok': np.bool_(False), 'ce': 0.0, 'mtp': 0.0, 'balance': 0.0, 'load_max_over_mean': loads}
     good = {**bad, 'loss': np.float32(1.0), 'grad_norm': np.float32(1.0), 'ok': np.bool_(True)}
     # The streak is the train state's (train_step counts it on device, a checkpoint keeps it): a good step
     # resets it.
     for step, (values, streak) in enumerate([(bad, 1), (bad, 2), (good, 0), (bad, 1), (bad, 2)], start=1):
       trainer._record(writer, clock, config, TINY, step, {**values, 'streak': np.int32(streak)}, 1e-3, 10, None)
-    with self.assertRaisesRegex(FloatingPointError, '3 consecutive steps with a non-finite loss'):
+    with self.assertRaisesRegex(FloatingPointError, '3 consecutive steps skipped .*every saved checkpoint holds a '
+                                'state that trained normally'):
       trainer._record(writer, clock, config, TINY, 6, {**bad, 'streak': np.int32(3)}, 1e-3, 10, None)
     self.assertEqual(writer.write.call_count, 5)
     # MoE layers are named by their layer ids: layers 1-2 of TINY, and the MTP depth as layer n_layers.

@@ -1,4 +1,5 @@
-"""The training launcher end to end, in subprocesses: kill -9 and resume, SIGTERM, a damaged checkpoint.
+"""The training launcher end to end, in subprocesses: kill -9 and resume, SIGTERM, a damaged checkpoint, reruns
+that must not touch a run, a diverging run (a second trainer on one directory: run_dir_test.LockTest).
 
 Every run uses configs/tiny.py (a 0.25M-parameter model on 40 standard-library files). The runs share the
 test session's JAX compilation cache (conftest.py), so only the first one compiles.
@@ -16,6 +17,8 @@ import time
 import pytest
 from absl.testing import absltest
 
+from tests.run_dir_test import tree_bytes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 
@@ -26,6 +29,7 @@ class LauncherTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.root = absltest.get_default_test_tmpdir()
+    os.makedirs(cls.root, exist_ok=True)
     cls.env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}  # conftest's XLA flags and compilation cache
     cls.reference = cls.fresh('uninterrupted')
     result = cls.launch(cls.reference).wait(timeout=600)
@@ -35,7 +39,8 @@ class LauncherTest(absltest.TestCase):
   def fresh(cls, name):
     """An empty run directory, and an empty log for it (logs are appended to across a test's launches)."""
     workdir = os.path.join(cls.root, name)
-    shutil.rmtree(workdir, ignore_errors=True)
+    for old in [workdir] + [os.path.join(cls.root, n) for n in os.listdir(cls.root) if n.startswith(name + '.replaced-')]:
+      shutil.rmtree(old, ignore_errors=True)  # also the runs an earlier session's --overwrite moved aside
     if os.path.exists(workdir + '.log'):
       os.remove(workdir + '.log')
     return workdir
@@ -46,6 +51,19 @@ class LauncherTest(absltest.TestCase):
                f'--config.steps={STEPS}', '--config.checkpoint_every=5', *overrides]
     log = open(workdir + '.log', 'a')
     return subprocess.Popen(command, cwd=REPO, env=cls.env, stdout=log, stderr=subprocess.STDOUT)
+
+  def run_to_end(self, workdir, *overrides, expect=1):
+    """A launch that must end on its own (a refusal ends before any training): its stderr."""
+    command = [sys.executable, '-m', 'launch.train', '--config=configs/tiny.py', f'--workdir={workdir}',
+               f'--config.steps={STEPS}', '--config.checkpoint_every=5', *overrides]
+    done = subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600)
+    self.assertEqual(done.returncode, expect, done.stderr[-3000:])
+    return done.stderr
+
+  def copy_of_reference(self, name):
+    workdir = self.fresh(name)
+    shutil.copytree(self.reference, workdir)
+    return workdir
 
   def losses(self, workdir):
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -140,11 +158,90 @@ class LauncherTest(absltest.TestCase):
         if name.startswith('manifest') or folder.endswith(os.sep + 'd'):
           with open(os.path.join(folder, name), 'wb') as f:
             f.write(b'damaged')
+    from deepseek_jax.trainer import restore_model
+    with self.assertLogs(level='WARNING') as logs:  # a reader (decode) says what it took and why
+      self.assertEqual(restore_model(workdir)[2], previous)
+    self.assertRegex('\n'.join(logs.output), f'restored step {previous} of {workdir}: the newest readable checkpoint; '
+                     f'skipped step {newest}: ')
+    self.assertIn(str(newest), os.listdir(checkpoints))  # ... and moves nothing: a trainer may own the directory
     self.assertEqual(self.launch(workdir).wait(timeout=600), 0)
     log = self.log_text(workdir)
     self.assertIn(f'checkpoint at step {newest} is unreadable', log)
     self.assertIn(f'resumed from step {previous}', log)
     self.assertEqual(self.losses(workdir), self.losses(self.reference))  # redone steps match too
+    # Healed: the damaged step was moved aside (kept) and saved again, so the next reader gets the final state.
+    self.assertLen([n for n in os.listdir(os.path.join(workdir, 'damaged_checkpoints')) if
+                    n.startswith(f'{newest}.')], 1)
+    self.assertIn(str(newest), os.listdir(checkpoints))
+    self.assertEqual(restore_model(workdir)[2], newest)
+
+  def test_incompatible_rerun_touches_nothing(self):
+    workdir = self.copy_of_reference('incompatible')
+    before = tree_bytes(workdir)
+    for overrides, named in ((['--config.data.vocab_size=1024'], ['model.vocab_size: the run has 512, asked 1024',
+                                                                  'data.vocab_size: the run has 512, asked 1024']),
+                             (['--config.data.max_documents=30'], ['data.max_documents: the run has 40, asked 30'])):
+      stderr = self.run_to_end(workdir, '--config.steps=25', *overrides)
+      self.assertIn(f'{workdir} holds a different run', stderr)
+      for line in named:
+        self.assertIn(line, stderr)
+      self.assertEqual(tree_bytes(workdir), before)  # checkpoints, metrics, model.json, tokenizer: untouched
+
+  def test_no_readable_checkpoint_refuses_until_overwrite_moves_the_run_aside(self):
+    workdir = self.copy_of_reference('unreadable')
+    checkpoints = os.path.join(workdir, 'checkpoints')
+    for step in os.listdir(checkpoints):
+      for name in os.listdir(os.path.join(checkpoints, step)):
+        shutil.rmtree(os.path.join(checkpoints, step, name), ignore_errors=True)
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'rb') as f:
+      metrics = f.read()
+    for _ in range(2):  # refused, and refused again: the moved-aside checkpoints still count
+      stderr = self.run_to_end(workdir)
+      self.assertIn(f'no checkpoint of the run in {workdir} is readable', stderr)
+      self.assertIn('--overwrite', stderr)
+      with open(os.path.join(workdir, 'metrics.jsonl'), 'rb') as f:
+        self.assertEqual(f.read(), metrics)
+    self.run_to_end(workdir, '--overwrite', '--config.steps=2', expect=0)
+    aside = [n for n in os.listdir(self.root) if n.startswith('unreadable.replaced-')]
+    self.assertLen(aside, 1)
+    with open(os.path.join(self.root, aside[0], 'metrics.jsonl'), 'rb') as f:
+      self.assertEqual(f.read(), metrics)  # the old run, kept whole
+    fresh = self.losses(workdir)  # a new run of 2 steps from the same seed: its first loss is the reference's
+    self.assertLen(fresh, 2)
+    self.assertEqual(fresh[0], self.losses(self.reference)[0])
+
+  def test_config_errors_end_before_any_file(self):
+    # (Every other config check runs in-process in run_dir_test; here the launcher's one-line reports.)
+    for overrides, message in ((['--config.stepz=3'], 'FATAL Flags parsing error: --config override: \'stepz\' Did you '
+                                                      'mean "steps" instead of "stepz"?'),
+                               (['--config.batch_size=0'], 'error: config.batch_size=0 must be an integer >= 1')):
+      workdir = self.fresh('refused')
+      self.assertIn(message, self.run_to_end(workdir, *overrides))
+      self.assertFalse(os.path.exists(workdir))
+
+  def test_decode_fits_the_default_length_to_the_model(self):
+    done = subprocess.run([sys.executable, '-m', 'launch.decode', f'--workdir={self.reference}', '--prompt=def '],
+                          cwd=REPO, env=self.env, capture_output=True, text=True, timeout=300)
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    room = int(re.search(r'has room for (\d+) after the prompt: generating \1', done.stderr).group(1))
+    self.assertIn(f'restored step {STEPS} of {self.reference}', done.stderr)
+    generated = int(re.search(r'\n(\d+) tokens in \d+ decode steps', done.stdout).group(1))
+    self.assertBetween(generated, 1, room)  # fewer when the model emits its end-of-text token
+
+  def test_a_diverging_run_never_saves_its_divergence(self):
+    workdir = self.fresh('diverging')
+    stderr = self.run_to_end(workdir, '--config.lr.peak=1e30', '--config.lr.warmup=0', '--config.max_nonfinite_streak=3',
+                      '--config.checkpoint_every=2')
+    self.assertIn('3 consecutive steps skipped', stderr)
+    from deepseek_jax.checkpoint import Checkpointer
+    from deepseek_jax.trainer import restore_model
+    steps = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False).steps()
+    self.assertTrue(steps)
+    _, model, _ = restore_model(workdir)
+    from flax import nnx
+    # Init weights are N(0, 0.006) and norm scales 1: one applied 1e30-sized update would show by orders.
+    largest = max(float(abs(v[...]).max()) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    self.assertLess(largest, 10.0)
 
 
 if __name__ == '__main__':
