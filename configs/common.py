@@ -33,6 +33,8 @@ def base_config(model: str, steps: int, batch_size: int, seq_len: int, peak_lr: 
   config.microbatch_size = 0  # 0: the whole batch at once; else gradients accumulate over microbatches
   # Device mesh (deepseek_jax/sharding.py): -1 fills the devices. Batches split over data x expert.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, expert=1, pipeline=1))
+  # A weight above sharding.REPLICATED_LIMIT_BYTES that the mesh cannot split is an error; True: a warning.
+  config.allow_replicated = False
   # With mesh.pipeline > 1 the microbatches run through a pipeline schedule: '1f1b', 'dualpipev' (2 chunks
   # per stage in a V; needs 2 x pipeline microbatches) or 'gpipe' (deepseek_jax/pipeline_schedules.py).
   config.pipeline_schedule = '1f1b'

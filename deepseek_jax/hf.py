@@ -7,19 +7,24 @@ here as weight * scale_inv (the "inv" is historical: it multiplies). The MTP mod
 `num_hidden_layers` (+k), with copies of the embedding and head; HF transformers ignores it, we load it.
 
 Conversion is a rename table: our parameter paths (official names, kernels stored [in, out]) against the
-checkpoint names (weights [out, in]); stacked layers and experts are assembled one tensor at a time.
+checkpoint names (weights [out, in]); each stacked (layer, expert) Variable is read straight into its
+device shards, a slice of each tensor at a time (load_hf).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import time
 from typing import Iterator, NamedTuple
 
-import jax.numpy as jnp
+import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 
+from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig, Runtime
 from deepseek_jax.hf_config import from_hf, to_hf
 from deepseek_jax.model import DeepSeekV3
@@ -121,14 +126,19 @@ def _source(path: tuple, shape: tuple[int, ...], cfg: ModelConfig) -> Source:
 # Loading --------------------------------------------------------------------------------------------
 
 
-def load_hf(path: str, rt: Runtime = Runtime()) -> tuple[ModelConfig, DeepSeekV3]:
+def load_hf(path: str, rt: Runtime = Runtime(), mesh=None, allow_replicated: bool = False
+            ) -> tuple[ModelConfig, DeepSeekV3]:
   """Reads a HF DeepSeek-V3 directory into (config, model), run as `rt` says (e.g. config.BF16).
 
-  With rt.fp8_weights the projections and experts keep FP8 codes and block scales: an FP8 checkpoint loads
-  without dequantizing (a high-precision one is quantized on load). Raises ValueError naming the tensor for a
-  missing, unknown, mis-shaped or wrongly typed tensor.
-  NOTE: every stacked tensor is assembled in host memory and placed on one device, so the model must fit
-  both; sharded, streaming loading of the 671B checkpoints is not built yet.
+  Each parameter is created directly in its sharding on `mesh` (default: this process's first device; the
+  rules of sharding.py): each of this process's devices gets its block written in place, one stacked
+  (layer, expert) entry at a time, from only the rows and columns of that entry's tensor the block covers
+  (memory-mapped reads), so the host holds one slice of one tensor at a time, never a stacked tensor, and
+  in a multi-process run each process reads only what its own devices hold. FP8 weights are dequantized
+  per slice with the scales of the blocks it covers. With rt.fp8_weights the projections and experts keep
+  FP8 codes and block scales (read a whole tensor at a time).
+  Every tensor's name, shape and dtype is checked before anything is allocated: a ValueError names the
+  first missing, unknown, mis-shaped or wrongly typed one.
   """
   cfg, hf_config = read_config(path)
   _check_quantization(hf_config.get('quantization_config'))
@@ -141,9 +151,67 @@ def load_hf(path: str, rt: Runtime = Runtime()) -> tuple[ModelConfig, DeepSeekV3
   graphdef, state = nnx.split(abstract)
   layout = checkpoint_layout(abstract)
   _check_unknown(store, layout, cfg)
-  for path, variable in nnx.to_flat_state(state):
-    variable.set_value(jnp.asarray(_assemble(store, layout[path], variable.shape, variable.dtype, rt)))
+  for source in layout.values():
+    _check_source(store, source)
+  mesh = mesh if mesh is not None else sharding.make_mesh(data=1, devices=jax.local_devices()[:1])
+  shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh, allow_replicated)))
+  progress = _Progress(path, sum(v.size * np.dtype(v.dtype).itemsize for _, v in nnx.to_flat_state(state)))
+  for key, variable in nnx.to_flat_state(state):
+    source, named = layout[key], shardings[key].get_value()
+    variable.set_value(_sharded(store, source, variable.shape, np.dtype(variable.dtype), named, rt))
+    progress.done('/'.join(map(str, key)), variable.size * np.dtype(variable.dtype).itemsize)
   return cfg, nnx.merge(graphdef, state)
+
+
+def _sharded(store: SafetensorsDir, source: Source, shape, dtype, named, rt: Runtime) -> jax.Array:
+  """One Variable as a global array in sharding `named`. Each of this process's devices gets its block
+  assembled on the device, one stacked (layer, expert) entry at a time written in place into a zeroed buffer,
+  so the host never holds more than one entry's slice of one tensor."""
+  stack = source.names.ndim
+  buffers = []
+  for device, index in named.addressable_devices_indices_map(tuple(shape)).items():
+    index = tuple(slice(*i.indices(d)) for i, d in zip(index, shape))
+    block = tuple(len(range(*i.indices(d))) for i, d in zip(index, shape))
+    if stack == 0:  # one tensor: its block is the piece
+      buffers.append(jax.device_put(_read_entry(store, source, (), index, dtype, rt), device))
+      continue
+    buffer = _zeros(jax.device_put(np.zeros((), dtype), device), block)  # made on the device, not the host
+    for position in np.ndindex(*block[:stack]):
+      entry = tuple(i.start + p * i.step for i, p in zip(index[:stack], position))
+      piece = jax.device_put(_read_entry(store, source, entry, index[stack:], dtype, rt), device)
+      buffer = _write(buffer, piece, position)
+    buffers.append(buffer)
+  return jax.make_array_from_single_device_arrays(tuple(shape), named, buffers)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _zeros(like, shape):
+  return jax.numpy.zeros(shape, like.dtype)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write(buffer, piece, position):
+  """buffer[position] = piece, in place (the buffer is donated)."""
+  return jax.lax.dynamic_update_slice(buffer, piece[(None,) * len(position)],
+                                      tuple(position) + (0,) * piece.ndim)
+
+
+class _Progress:
+  """Tensors / bytes / ETA of a long load, logged every 30 s."""
+
+  def __init__(self, path: str, total_bytes: int):
+    self.path, self.total, self.bytes, self.tensors = path, total_bytes, 0, 0
+    self.start = self.last = time.time()
+
+  def done(self, name: str, nbytes: int) -> None:
+    self.bytes, self.tensors = self.bytes + nbytes, self.tensors + 1
+    now = time.time()
+    if now - self.last >= 30:
+      self.last = now
+      rate = self.bytes / max(now - self.start, 1e-9)
+      logging.info('load_hf %s: %d parameters (%s), %.1f of %.1f GB, %.0f MB/s, ETA %.0f s', self.path,
+                   self.tensors, name, self.bytes / 1e9, self.total / 1e9, rate / 1e6,
+                   (self.total - self.bytes) / max(rate, 1e-9))
 
 
 def read_config(path: str) -> tuple[ModelConfig, dict]:
@@ -187,15 +255,54 @@ def _check_unknown(store: SafetensorsDir, layout: dict[tuple, Source], cfg: Mode
     raise ValueError(f'checkpoint tensor {unknown[0]!r}{more} does not belong to this model config')
 
 
-def _assemble(store: SafetensorsDir, source: Source, shape, dtype, rt: Runtime) -> np.ndarray:
-  out = np.zeros(shape, dtype)  # FP8 codes past the logical shape stay zero (the padding)
-  for index in np.ndindex(*source.names.shape):
+def _read_entry(store: SafetensorsDir, source: Source, entry, inner, dtype, rt: Runtime) -> np.ndarray:
+  """The `inner` block (a slice per non-stacked dimension) of the stacked entry `entry` (layer, expert)."""
+  name = source.names[entry]
+  if source.fp8:  # held FP8: codes or scales of the whole tensor (padded), then the block
+    piece = _held_fp8(store, source, entry, rt)[inner]
+  elif source.transpose:  # ours [in, out] is the checkpoint's [out, in]
+    piece = _dequantized(store, name, inner[::-1]).T
+  else:
+    piece = _dequantized(store, name, inner)
+  return np.ascontiguousarray(piece, dtype)
+
+
+def _dequantized(store: SafetensorsDir, name: str, index) -> np.ndarray:
+  """store[name][index] as float32; an FP8 tensor times the scales of the 128x128 blocks the slice covers."""
+  view = store.read(name)[index]
+  if store.dtype_code(name) != 'F8_E4M3':
+    return np.asarray(view, np.float32)
+  scale = store.read(name + '_scale_inv')
+  rows, cols = (np.arange(*i.indices(d)) // FP8_BLOCK for i, d in zip(index, store.shape(name)))
+  return np.asarray(view).astype(np.float32) * scale[np.ix_(rows, cols)]
+
+
+def _check_source(store: SafetensorsDir, source: Source) -> None:
+  """Every tensor behind one Variable: present, of its shape and a loadable dtype (FP8 with its scales)."""
+  stored = source.shape[::-1] if source.transpose else source.shape
+  for name in source.names.flat:
     if source.fp8:
-      out[index] = _held_fp8(store, source, index, rt)
-      continue
-    tensor = read_tensor(store, source.names[index], source.shape[::-1] if source.transpose else source.shape)
-    out[index] = tensor.T if source.transpose else tensor
-  return out
+      weight_name = name[:-len('_scale_inv')] if source.fp8 == 'scales' else name
+      _check_tensor(store, weight_name, stored)
+    else:
+      _check_tensor(store, name, stored)
+
+
+def _check_tensor(store: SafetensorsDir, name: str, shape) -> None:
+  if name not in store:
+    raise ValueError(f'checkpoint is missing tensor {name!r}')
+  if store.shape(name) != tuple(shape):
+    raise ValueError(f'checkpoint tensor {name!r} has shape {store.shape(name)}, expected {tuple(shape)}')
+  code = store.dtype_code(name)
+  scale_name = name + '_scale_inv'
+  if code == 'F8_E4M3':
+    if scale_name not in store:
+      raise ValueError(f'checkpoint tensor {name!r} is float8_e4m3fn but {scale_name!r} is missing')
+    read_scale(store, scale_name, shape)  # its shape and dtype
+  elif code not in _FLOAT_CODES:
+    raise ValueError(f'checkpoint tensor {name!r} has dtype {code}, expected one of {_FLOAT_CODES} or F8_E4M3')
+  elif scale_name in store:
+    raise ValueError(f'checkpoint tensor {scale_name!r} scales {name!r}, which is {code}, not F8_E4M3')
 
 
 def _held_fp8(store: SafetensorsDir, source: Source, index, rt: Runtime) -> np.ndarray:
@@ -217,21 +324,8 @@ def _held_fp8(store: SafetensorsDir, source: Source, index, rt: Runtime) -> np.n
 
 def read_tensor(store: SafetensorsDir, name: str, shape: tuple[int, ...]) -> np.ndarray:
   """One checkpoint tensor as float32, FP8 dequantized, with its shape and dtype checked."""
-  if name not in store:
-    raise ValueError(f'checkpoint is missing tensor {name!r}')
-  if store.shape(name) != tuple(shape):
-    raise ValueError(f'checkpoint tensor {name!r} has shape {store.shape(name)}, expected {tuple(shape)}')
-  code = store.dtype_code(name)
-  scale_name = name + '_scale_inv'
-  if code == 'F8_E4M3':
-    if scale_name not in store:
-      raise ValueError(f'checkpoint tensor {name!r} is float8_e4m3fn but {scale_name!r} is missing')
-    return dequantize_fp8(store.read(name), read_scale(store, scale_name, shape))
-  if code not in _FLOAT_CODES:
-    raise ValueError(f'checkpoint tensor {name!r} has dtype {code}, expected one of {_FLOAT_CODES} or F8_E4M3')
-  if scale_name in store:
-    raise ValueError(f'checkpoint tensor {scale_name!r} scales {name!r}, which is {code}, not F8_E4M3')
-  return store.read(name).astype(np.float32)
+  _check_tensor(store, name, shape)
+  return _dequantized(store, name, tuple(slice(None) for _ in shape))
 
 
 def read_scale(store: SafetensorsDir, scale_name: str, weight_shape) -> np.ndarray:

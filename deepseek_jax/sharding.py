@@ -8,10 +8,13 @@ Mesh axes, outermost first:
   'expert'    expert parallelism: each device holds n_routed_experts / size routed experts; everything else
               treats it as more data parallelism (batches and FSDP shards span data x expert), as DeepSeek-V3
               runs attention data-parallel across the devices its experts are spread over (paper §3.4).
-Every parameter carries `logical_axes` metadata (layers.normal_param); `RULES` maps each logical name to mesh
-axes. A dimension takes the longest leading run of its rule's axes whose device count divides its size and that
-no earlier dimension of the same array uses (routed-expert weights: 'expert' on the expert dimension, then
-only 'data' on the model dimension).
+Every parameter carries `logical_axes` metadata (layers.normal_param). `RULES` maps the structural names onto
+their mesh axes ('expert' dimensions over 'expert', stacked layers over 'pipeline'); then FSDP hands each of
+'data' and 'expert' that the array does not use yet to the first dimension, in FSDP_DIMS' order, that it
+divides (several axes may share a dimension). An array above REPLICATED_LIMIT_BYTES that some FSDP axis could
+not split raises ReplicatedError naming it, its shape and the mesh: on V3 a silently replicated head or
+expert stack would not fit any device. ('pipeline' is not checked: the embedding, dense blocks, head and MTP
+are the first stage's in DualPipe and stay whole over it; the MoE stack must divide, pipeline.py checks.)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -28,12 +32,34 @@ MESH_AXES = ('pipeline', 'data', 'expert')
 
 RULES: Mapping[str, tuple[str, ...]] = {
     'batch': ('data', 'expert'),  # sequences over every non-pipeline device
-    'embed': ('data', 'expert'),  # FSDP; the projections without a model dimension shard their low-rank one:
-    'q_lora': ('data', 'expert'),
-    'kv_lora': ('data', 'expert'),
-    'expert': ('expert',),
+    'expert': ('expert',),  # routed experts over 'expert' (expert_parallel.py dispatches to them)
     'layers': ('pipeline',),  # stacked blocks: each pipeline stage stores its own (pipeline.py)
 }
+# FSDP (ZeRO-3) spreads every weight over the data x expert devices that no rule above gave it: each of
+# these axes goes to the first of the array's dimensions, in this order of preference, whose size the axes
+# it already holds times this axis divide. So a model dimension that does not divide (V3's 7168 on 2048
+# devices) leaves the axis to the next dimension (heads, vocabulary, expert width ...).
+FSDP_AXES = ('data', 'expert')
+FSDP_DIMS = ('embed', 'q_lora', 'kv_lora', 'moe_mlp', 'mlp', 'heads', 'vocab', 'mtp_concat', 'router')
+# An array above this size that some FSDP axis still cannot split is an error (or, with allow_replicated, a
+# warning): silently replicated, V3's head alone is 3.7 GB on every device. Norm scales and router biases
+# (at most 2 MB each in V3) stay below it.
+REPLICATED_LIMIT_BYTES = 16 * 2**20
+
+
+class ReplicatedError(ValueError):
+  """A large array that the mesh cannot split: every device would hold all of it."""
+
+
+def _check_rules() -> None:
+  """The table itself: known mesh axes, none twice in one rule, FSDP axes distinct."""
+  for name, axes in {**RULES, 'FSDP': FSDP_AXES}.items():
+    unknown = set(axes) - set(MESH_AXES)
+    if unknown or len(set(axes)) != len(axes):
+      raise ValueError(f'sharding rule {name!r} -> {axes}: mesh axes must be among {MESH_AXES}, each once')
+
+
+_check_rules()
 
 
 def make_mesh(data: int = -1, expert: int = 1, pipeline: int = 1, devices=None) -> Mesh:
@@ -59,29 +85,59 @@ def make_mesh(data: int = -1, expert: int = 1, pipeline: int = 1, devices=None) 
   return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
 
 
-def logical_spec(logical_axes, shape, mesh: Mesh) -> P:
-  """The PartitionSpec of an array whose dimensions have these logical names (see RULES)."""
-  used, parts = set(), []
-  for name, size in zip(logical_axes, shape):
-    axes = tuple(a for a in RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used)
+def logical_spec(logical_axes, shape, mesh, name: str = 'array', itemsize: int = 4,
+                 allow_replicated: bool = False) -> P:
+  """The PartitionSpec of an array whose dimensions have these logical names (RULES, then FSDP_DIMS)."""
+  if len(logical_axes) != len(shape):
+    raise ValueError(f'{name}: logical axes {tuple(logical_axes)} do not match its shape {tuple(shape)}')
+  parts: list[tuple[str, ...]] = [() for _ in shape]
+  used: set[str] = set()
+  for dim, (logical, size) in enumerate(zip(logical_axes, shape)):
+    axes = tuple(a for a in RULES.get(logical, ()) if mesh.shape[a] > 1 and a not in used)
     while axes and size % math.prod(mesh.shape[a] for a in axes):
       axes = axes[:-1]
-    parts.append((axes[0] if len(axes) == 1 else axes) if axes else None)
+    parts[dim] = axes
     used.update(axes)
-  return P(*parts)
+  order = sorted((d for d, logical in enumerate(logical_axes) if logical in FSDP_DIMS),
+                 key=lambda d: FSDP_DIMS.index(logical_axes[d]))
+  left = []
+  for axis in FSDP_AXES:
+    if mesh.shape[axis] == 1 or axis in used:
+      continue
+    for dim in order:
+      if shape[dim] % (math.prod(mesh.shape[a] for a in parts[dim]) * mesh.shape[axis]) == 0:
+        parts[dim] += (axis,)
+        used.add(axis)
+        break
+    else:
+      left.append(axis)
+  nbytes = math.prod(shape) * itemsize
+  if left and nbytes > REPLICATED_LIMIT_BYTES:
+    message = (f'{name} {tuple(shape)} ({nbytes / 2**20:,.0f} MiB; dims {tuple(logical_axes)}) would be '
+               f'replicated over mesh axes {left} of mesh {dict(mesh.shape)}: none of its dimensions divides by '
+               'their size; choose mesh sizes that divide one of its dimensions')
+    if not allow_replicated:
+      raise ReplicatedError(message + ' (or allow replication explicitly)')
+    logging.warning('%s', message)
+  return P(*[(p[0] if len(p) == 1 else p) if p else None for p in parts])
 
 
-def state_shardings(tree: Any, mesh: Mesh) -> Any:
+def state_shardings(tree: Any, mesh, allow_replicated: bool = False) -> Any:
   """NamedShardings for a pytree of nnx Variables (params, router biases, optimizer moments: each from its
-  `logical_axes`) and plain arrays (replicated), in the tree's own structure."""
+  `logical_axes`) and plain arrays (replicated), in the tree's own structure. `mesh` may be an AbstractMesh
+  (V3-sized layouts checked without devices). allow_replicated: warn instead of raising ReplicatedError."""
 
-  def one(leaf):
+  def one(path, leaf):
     if isinstance(leaf, nnx.Variable):
       axes = leaf.get_metadata().get('logical_axes')
-      return leaf.replace(NamedSharding(mesh, logical_spec(axes, leaf.shape, mesh) if axes else P()))
-    return replicated(mesh)
+      if not axes:
+        return leaf.replace(NamedSharding(mesh, P()))
+      name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+      spec = logical_spec(axes, leaf.shape, mesh, name, np.dtype(leaf.dtype).itemsize, allow_replicated)
+      return leaf.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, P())
 
-  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int, batch_size: int | None = None) -> NamedSharding:

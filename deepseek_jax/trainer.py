@@ -95,7 +95,7 @@ def _train(config, workdir, overwrite, cfg, rt, resolved, mesh, primary, held: c
     return init_train_state(DeepSeekV3(cfg, rt, nnx.Rngs(config.seed)), tx)
 
   graphdef, abstract_state = nnx.eval_shape(fresh_state)
-  shardings = sharding.state_shardings(abstract_state, mesh)
+  shardings = sharding.state_shardings(abstract_state, mesh, config.allow_replicated)
   checkpoints = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints)
   held.callback(checkpoints.close)  # its async saves finish before the lock is released
   batches = data.BatchIterator(corpus.train, config.seq_len, config.seed)

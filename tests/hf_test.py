@@ -2,8 +2,9 @@
 and a clear error for every kind of bad checkpoint."""
 
 import json
-import struct
+import math
 import os
+import struct
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -309,3 +310,52 @@ class DamagedFilesTest(parameterized.TestCase):
       json.dump({**self.config, key: value}, f)
     with self.assertRaisesRegex(ValueError, f'{self.dir}/config.json: .*{message}'):
       load_hf(self.dir)
+
+
+class ShardedLoadTest(parameterized.TestCase):
+  """load_hf straight into a mesh's shardings, one slice of one tensor at a time."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    import tempfile
+    cls.src = os.path.join(tempfile.mkdtemp(), 'src')
+    # 2 x 128 model rows and 3 x 128 FFN columns: device slices cut across FP8 blocks; 32 experts: the stack
+    # of one layer's experts is 32 x the largest single tensor.
+    cls.config = hf_tiny_checkpoint(cls.src, n_routed_experts=32, n_group=1, topk_group=1)
+    cls.fp8 = os.path.join(os.path.dirname(cls.src), 'fp8')
+    cls.tensors = write_fp8_copy(cls.src, cls.fp8, cls.config)
+
+  def test_fp8_onto_a_mesh_equals_the_official_dequantization(self):
+    from deepseek_jax import sharding
+    mesh = sharding.make_mesh(data=2, expert=4)
+    _, one = load_hf(self.fp8)  # one device
+    cfg, spread = load_hf(self.fp8, mesh=mesh)
+    want_shardings = dict(nnx.to_flat_state(sharding.state_shardings(nnx.state(spread), mesh)))
+    for path, variable in nnx.to_flat_state(nnx.state(spread)):
+      self.assertEqual(variable[...].sharding, want_shardings[path].get_value(), path)
+    chex_equal = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(one)), nnx.to_flat_state(nnx.state(spread))):
+      chex_equal(a[...], b[...])
+    # Against the official formula on whole tensors: a dense FFN weight and one expert's.
+    for name, ours in (('model.layers.0.mlp.gate_proj.weight', spread.dense_layers.ffn.w1.kernel[...][0]),
+                       ('model.layers.1.mlp.experts.17.down_proj.weight', spread.moe_layers.ffn.experts.w2[...][0, 17])):
+      want = dequantize_fp8(self.tensors[name], self.tensors[name + '_scale_inv']).T
+      np.testing.assert_array_equal(np.asarray(ours), want, err_msg=name)
+    self.assertEqual(spread.moe_layers.ffn.experts.w2[...].sharding.spec[1], 'expert')
+
+  def test_host_memory_is_one_tensor_slice_not_a_stack(self):
+    import tracemalloc
+    from deepseek_jax import sharding
+    store = SafetensorsDir(self.src)
+    largest = max(math.prod(store.shape(n)) * 4 for n in store.names())  # fp32, as loaded
+    for mesh in (None, sharding.make_mesh(data=2, expert=4)):
+      tracemalloc.start()
+      _, model = load_hf(self.src, mesh=mesh)
+      now, peak = tracemalloc.get_traced_memory()
+      tracemalloc.stop()
+      stack = model.moe_layers.ffn.experts.w1[...]
+      # What the loader held at once on the host, beyond what it still holds: about one tensor, where a
+      # loader assembling the stack of one layer's 32 experts on the host would hold 10 times more.
+      self.assertGreater(stack.size * 4, 8 * largest)
+      self.assertLess(peak - now, 2 * largest)
