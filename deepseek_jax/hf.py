@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from typing import Iterator, NamedTuple
@@ -33,6 +34,7 @@ from pallas_kernels.common import FP8
 from pallas_kernels.weight_quant import weight_quant
 
 FP8_BLOCK = 128
+HOST_BLOCK_TENSORS = 2  # load_hf assembles a device block on the host up to this many of the largest tensor
 _FLOAT_CODES = ('F32', 'BF16', 'F16')
 
 _TOP = {
@@ -126,8 +128,8 @@ def _source(path: tuple, shape: tuple[int, ...], cfg: ModelConfig) -> Source:
 # Loading --------------------------------------------------------------------------------------------
 
 
-def load_hf(path: str, rt: Runtime = Runtime(), mesh=None, allow_replicated: bool = False
-            ) -> tuple[ModelConfig, DeepSeekV3]:
+def load_hf(path: str, rt: Runtime = Runtime(), mesh=None, allow_replicated: bool = False,
+            report: dict | None = None) -> tuple[ModelConfig, DeepSeekV3]:
   """Reads a HF DeepSeek-V3 directory into (config, model), run as `rt` says (e.g. config.BF16).
 
   Each parameter is created directly in its sharding on `mesh` (default: this process's first device; the
@@ -138,7 +140,8 @@ def load_hf(path: str, rt: Runtime = Runtime(), mesh=None, allow_replicated: boo
   per slice with the scales of the blocks it covers. With rt.fp8_weights the projections and experts keep
   FP8 codes and block scales (read a whole tensor at a time).
   Every tensor's name, shape and dtype is checked before anything is allocated: a ValueError names the
-  first missing, unknown, mis-shaped or wrongly typed one.
+  first missing, unknown, mis-shaped or wrongly typed one. `report`, if given, receives bytes_read (this
+  process's distinct blocks, as loaded), total_bytes (the whole model) and seconds.
   """
   cfg, hf_config = read_config(path)
   _check_quantization(hf_config.get('quantization_config'))
@@ -155,33 +158,55 @@ def load_hf(path: str, rt: Runtime = Runtime(), mesh=None, allow_replicated: boo
     _check_source(store, source)
   mesh = mesh if mesh is not None else sharding.make_mesh(data=1, devices=jax.local_devices()[:1])
   shardings = dict(nnx.to_flat_state(sharding.state_shardings(state, mesh, allow_replicated)))
-  progress = _Progress(path, sum(v.size * np.dtype(v.dtype).itemsize for _, v in nnx.to_flat_state(state)))
-  for key, variable in nnx.to_flat_state(state):
+  flat = nnx.to_flat_state(state)
+  progress = _Progress(path, sum(v.size * np.dtype(v.dtype).itemsize for _, v in flat), len(flat))
+  # Host memory for a block assembled at once: HOST_BLOCK_TENSORS of the largest tensor (fp32), never a stack.
+  budget = HOST_BLOCK_TENSORS * max(math.prod(store.shape(name)) for name in store.names()) * 4
+  for key, variable in flat:
     source, named = layout[key], shardings[key].get_value()
-    variable.set_value(_sharded(store, source, variable.shape, np.dtype(variable.dtype), named, rt))
-    progress.done('/'.join(map(str, key)), variable.size * np.dtype(variable.dtype).itemsize)
+    value, read = _sharded(store, source, variable.shape, np.dtype(variable.dtype), named, rt, budget)
+    variable.set_value(value)
+    progress.done('/'.join(map(str, key)), read)
+  if report is not None:
+    report.update(bytes_read=progress.bytes, total_bytes=progress.total, seconds=time.time() - progress.start)
   return cfg, nnx.merge(graphdef, state)
 
 
-def _sharded(store: SafetensorsDir, source: Source, shape, dtype, named, rt: Runtime) -> jax.Array:
-  """One Variable as a global array in sharding `named`. Each of this process's devices gets its block
-  assembled on the device, one stacked (layer, expert) entry at a time written in place into a zeroed buffer,
-  so the host never holds more than one entry's slice of one tensor."""
+def _sharded(store: SafetensorsDir, source: Source, shape, dtype, named, rt: Runtime, host_budget: int
+             ) -> tuple[jax.Array, int]:
+  """One Variable as a global array in sharding `named`, and the bytes read for it. Each distinct block this
+  process's devices hold is assembled once, on the first device holding it, then copied device to device to
+  the others holding the same block. A block within `host_budget` bytes is assembled on the host and sent
+  at once; a larger one (a device's share of an expert stack) is zeroed on the device and written in place
+  one stacked (layer, expert) entry at a time, so the host holds one entry's slice of one tensor."""
   stack = source.names.ndim
-  buffers = []
+  buffers, built, read = [], {}, 0
   for device, index in named.addressable_devices_indices_map(tuple(shape)).items():
     index = tuple(slice(*i.indices(d)) for i, d in zip(index, shape))
+    key = tuple((i.start, i.stop, i.step) for i in index)
+    if key in built:  # replicated over some mesh axis: read once per process
+      buffers.append(jax.device_put(built[key], device))
+      continue
     block = tuple(len(range(*i.indices(d))) for i, d in zip(index, shape))
     if stack == 0:  # one tensor: its block is the piece
-      buffers.append(jax.device_put(_read_entry(store, source, (), index, dtype, rt), device))
-      continue
-    buffer = _zeros(jax.device_put(np.zeros((), dtype), device), block)  # made on the device, not the host
-    for position in np.ndindex(*block[:stack]):
-      entry = tuple(i.start + p * i.step for i, p in zip(index[:stack], position))
-      piece = jax.device_put(_read_entry(store, source, entry, index[stack:], dtype, rt), device)
-      buffer = _write(buffer, piece, position)
+      piece = _read_entry(store, source, (), index, dtype, rt)
+      buffer, read = jax.device_put(piece, device), read + piece.nbytes
+    elif math.prod(block) * dtype.itemsize <= host_budget:  # small: assembled on the host, one transfer
+      host = np.empty(block, dtype)
+      for position in np.ndindex(*block[:stack]):
+        entry = tuple(i.start + p * i.step for i, p in zip(index[:stack], position))
+        host[position] = _read_entry(store, source, entry, index[stack:], dtype, rt)
+      buffer, read = jax.device_put(host, device), read + host.nbytes
+      del host
+    else:
+      buffer = _zeros(jax.device_put(np.zeros((), dtype), device), block)  # made on the device, not the host
+      for position in np.ndindex(*block[:stack]):
+        entry = tuple(i.start + p * i.step for i, p in zip(index[:stack], position))
+        piece = _read_entry(store, source, entry, index[stack:], dtype, rt)
+        buffer, read = _write(buffer, jax.device_put(piece, device), position), read + piece.nbytes
+    built[key] = buffer
     buffers.append(buffer)
-  return jax.make_array_from_single_device_arrays(tuple(shape), named, buffers)
+  return jax.make_array_from_single_device_arrays(tuple(shape), named, buffers), read
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -197,21 +222,21 @@ def _write(buffer, piece, position):
 
 
 class _Progress:
-  """Tensors / bytes / ETA of a long load, logged every 30 s."""
+  """Parameters done, bytes read, throughput and ETA of a long load, logged every 30 s."""
 
-  def __init__(self, path: str, total_bytes: int):
-    self.path, self.total, self.bytes, self.tensors = path, total_bytes, 0, 0
+  def __init__(self, path: str, total_bytes: int, n_variables: int):
+    self.path, self.total, self.n = path, total_bytes, n_variables
+    self.bytes, self.done_variables = 0, 0
     self.start = self.last = time.time()
 
   def done(self, name: str, nbytes: int) -> None:
-    self.bytes, self.tensors = self.bytes + nbytes, self.tensors + 1
+    self.bytes, self.done_variables = self.bytes + nbytes, self.done_variables + 1
     now = time.time()
     if now - self.last >= 30:
-      self.last = now
-      rate = self.bytes / max(now - self.start, 1e-9)
-      logging.info('load_hf %s: %d parameters (%s), %.1f of %.1f GB, %.0f MB/s, ETA %.0f s', self.path,
-                   self.tensors, name, self.bytes / 1e9, self.total / 1e9, rate / 1e6,
-                   (self.total - self.bytes) / max(rate, 1e-9))
+      self.last, elapsed = now, now - self.start
+      logging.info('load_hf %s: %d of %d parameters (last %s), %.2f GB read, %.0f MB/s, ETA %.0f s', self.path,
+                   self.done_variables, self.n, name, self.bytes / 1e9, self.bytes / elapsed / 1e6,
+                   elapsed * (self.n / self.done_variables - 1))
 
 
 def read_config(path: str) -> tuple[ModelConfig, dict]:

@@ -46,7 +46,6 @@ class SafetensorsDir:
     if not files:
       raise FileNotFoundError(f'{path}: no .safetensors files')
     self._entries: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
-    self._maps: dict[str, np.memmap] = {}
     for name in files:
       file_path = os.path.join(path, name)
       if not os.path.exists(file_path):
@@ -72,13 +71,15 @@ class SafetensorsDir:
     return self._entries[name][2]
 
   def read(self, name: str) -> np.ndarray:
-    """The tensor as a read-only numpy view of the mapped file (no copy until converted)."""
+    """The tensor as a read-only numpy view of a map of its bytes alone (no copy until converted). The map
+    goes when the view does, so the pages a load touched leave this process's memory with each tensor."""
     file_path, code, shape, begin, end = self._entries[name]
     if code not in DTYPES:
       raise ValueError(f'tensor {name!r}: unsupported safetensors dtype {code}')
-    if file_path not in self._maps:
-      self._maps[file_path] = np.memmap(file_path, dtype=np.uint8, mode='r')
-    return self._maps[file_path][begin:end].view(DTYPES[code]).reshape(shape)
+    if end == begin:
+      return np.zeros(shape, DTYPES[code])
+    return np.memmap(file_path, dtype=np.uint8, mode='r', offset=begin, shape=(end - begin,)).view(
+        DTYPES[code]).reshape(shape)
 
 
 def _read_header(file_path: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:

@@ -9,11 +9,11 @@ import struct
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from absl.testing import parameterized
+from absl.testing import absltest, parameterized
 from flax import nnx
 
 from deepseek_jax.config import PRESETS, Runtime
-from deepseek_jax.hf import dequantize_fp8, load_hf, save_hf
+from deepseek_jax.hf import HOST_BLOCK_TENSORS, dequantize_fp8, load_hf, save_hf
 from deepseek_jax.safetensors_io import SafetensorsDir, write_dir
 from tests.helpers import forward, mtp_forward, random_model, require
 
@@ -330,7 +330,10 @@ class ShardedLoadTest(parameterized.TestCase):
     from deepseek_jax import sharding
     mesh = sharding.make_mesh(data=2, expert=4)
     _, one = load_hf(self.fp8)  # one device
-    cfg, spread = load_hf(self.fp8, mesh=mesh)
+    report = {}
+    cfg, spread = load_hf(self.fp8, mesh=mesh, report=report)
+    # Every byte of the model read once: blocks that several devices hold are copied between them.
+    self.assertEqual(report['bytes_read'], report['total_bytes'])
     want_shardings = dict(nnx.to_flat_state(sharding.state_shardings(nnx.state(spread), mesh)))
     for path, variable in nnx.to_flat_state(nnx.state(spread)):
       self.assertEqual(variable[...].sharding, want_shardings[path].get_value(), path)
@@ -355,7 +358,63 @@ class ShardedLoadTest(parameterized.TestCase):
       now, peak = tracemalloc.get_traced_memory()
       tracemalloc.stop()
       stack = model.moe_layers.ffn.experts.w1[...]
-      # What the loader held at once on the host, beyond what it still holds: about one tensor, where a
-      # loader assembling the stack of one layer's 32 experts on the host would hold 10 times more.
-      self.assertGreater(stack.size * 4, 8 * largest)
-      self.assertLess(peak - now, 2 * largest)
+      # What the loader held at once on the host, beyond what it still holds: a block of at most
+      # HOST_BLOCK_TENSORS of the largest tensor plus the slice being read into it, where a loader assembling
+      # the stack of one layer's 32 experts on the host would hold 10 times the largest tensor.
+      self.assertGreater(stack.size * 4, 10 * largest)
+      self.assertLess(peak - now, (HOST_BLOCK_TENSORS + 1.5) * largest)
+
+
+_TWO_PROCESS_LOAD = r'''
+import json, sys
+import jax
+jax.config.update('jax_num_cpu_devices', 4)
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
+                           initialization_timeout=60)
+import numpy as np
+from flax import nnx
+from deepseek_jax import sharding
+from deepseek_jax.hf import load_hf
+report = {}
+_, model = load_hf(sys.argv[3], mesh=sharding.make_mesh(data=2, expert=4), report=report)
+_, whole = load_hf(sys.argv[3])  # this process's first device, all of it: the reference
+distinct = {}
+for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(whole))):
+  for shard in a[...].addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(b[...])[shard.index], err_msg=str(path))
+    distinct[(path, str(shard.index))] = shard.data.nbytes
+print(json.dumps({**report, 'distinct_local_bytes': sum(distinct.values())}))
+'''
+
+
+class TwoProcessLoadTest(absltest.TestCase):
+
+  def test_each_process_reads_only_its_own_devices_blocks(self):
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(), 'ckpt')
+    hf_tiny_checkpoint(path, n_routed_experts=8, n_group=1, topk_group=1)
+    with socket.socket() as s:  # a free loopback port
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    processes = [subprocess.Popen([sys.executable, '-c', _TWO_PROCESS_LOAD, f'127.0.0.1:{port}', str(i), path],
+                                  cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+      for p in processes:
+        p.kill()
+    reports = []
+    for p, (out, err) in zip(processes, outputs):
+      self.assertEqual(p.returncode, 0, err[-3000:])
+      reports.append(json.loads(out.strip().splitlines()[-1]))
+    for r in reports:
+      # Exactly this process's distinct blocks were read (each once), and that is about half the model:
+      # 'data' splits the devices between the processes; what 'data' cannot split, each process reads.
+      self.assertEqual(r['bytes_read'], r['distinct_local_bytes'])
+      self.assertLess(r['bytes_read'], 0.6 * r['total_bytes'])
+    self.assertEqual(reports[0]['total_bytes'], reports[1]['total_bytes'])
