@@ -118,11 +118,6 @@ def _mismatch(recorded: Any, abstract_state: Any, shown: int = 4) -> str:
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  def name(key):
-    for attribute in ('key', 'name', 'idx'):
-      if hasattr(key, attribute):
-        return str(getattr(key, attribute))
-    return str(key)
-
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(name(k) for k in path): tuple(getattr(leaf, 'shape', ())) for path, leaf in leaves}
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(getattr(leaf, 'shape', ()))
+          for path, leaf in leaves}

@@ -32,8 +32,7 @@ def model_overrides() -> config_dict.ConfigDict:
 
 def validate(config) -> None:
   """Raises ValueError naming the first field of `config` that no run can use."""
-  if config.model not in PRESETS:
-    raise ValueError(f'config.model={config.model!r} is not a model preset; choose one of {sorted(PRESETS)}')
+  _preset(config)
   for name in _POSITIVE + _NON_NEGATIVE:
     value = config[name]
     least = 1 if name in _POSITIVE else 0
@@ -51,8 +50,7 @@ def validate(config) -> None:
 def model_config(config) -> ModelConfig:
   """The run's architecture: the preset with config.model_overrides, and the vocabulary of the tokenizer the
   run trains (data.vocab_size) unless the data is pre-tokenized (then the preset's, or an override)."""
-  if config.model not in PRESETS:
-    raise ValueError(f'config.model={config.model!r} is not a model preset; choose one of {sorted(PRESETS)}')
+  preset = _preset(config)
   overrides = {key: value for key, value in dict(config.get('model_overrides', {})).items() if value is not None}
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   if set(overrides) - fields:
@@ -63,7 +61,13 @@ def model_config(config) -> ModelConfig:
                        f'{config.data.vocab_size}: the vocabulary is the tokenizer\'s the run trains; set '
                        'data.vocab_size only')
     overrides['vocab_size'] = config.data.vocab_size
-  return PRESETS[config.model].replace(**overrides)
+  return preset.replace(**overrides)
+
+
+def _preset(config) -> ModelConfig:
+  if config.model not in PRESETS:
+    raise ValueError(f'config.model={config.model!r} is not a model preset; choose one of {sorted(PRESETS)}')
+  return PRESETS[config.model]
 
 
 def runtime(config) -> Runtime:

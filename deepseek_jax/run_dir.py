@@ -21,6 +21,7 @@ from typing import Any, Mapping
 from absl import logging
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.safetensors_io import write_json
 
 MODEL_FILE = 'model.json'  # the architecture (what restore_model rebuilds the model from)
 RUN_FILE = 'run.json'  # the data and tokenizer the run trains on
@@ -112,8 +113,8 @@ def check_compatible(workdir: str, cfg: ModelConfig, run: Mapping[str, Any], dat
 
 def record(workdir: str, cfg: ModelConfig, run: Mapping[str, Any]) -> None:
   """Writes model.json and run.json (atomically) for restore_model and for the next rerun's check."""
-  _write_json(os.path.join(workdir, MODEL_FILE), dataclasses.asdict(cfg))
-  _write_json(os.path.join(workdir, RUN_FILE), {'data': dict(run['data'])})
+  write_json(os.path.join(workdir, MODEL_FILE), dataclasses.asdict(cfg))
+  write_json(os.path.join(workdir, RUN_FILE), {'data': dict(run['data'])})
 
 
 def move_aside(workdir: str) -> str:
@@ -146,10 +147,3 @@ def _read_json(path: str) -> Any:
     return json.loads(text)
   except json.JSONDecodeError as error:
     raise RunDirError(f'{path} is not valid JSON ({error}); fix or remove it') from None
-
-
-def _write_json(path: str, value) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)

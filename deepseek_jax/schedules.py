@@ -66,20 +66,23 @@ def paper_lr(peak: float, warmup: float) -> dict[str, Any]:
 def run_tokens(steps: int, seq_len: int, batch: int, ramp: Mapping[str, Any] | None = None) -> float:
   """Tokens a run of `steps` steps trains on: batch x seq_len per step, or the batch ramp's sizes stepped
   through (batch_size above, with end=batch) until the ramp ends."""
-  tokens, step = 0.0, 0
-  while ramp and step < steps and tokens < ramp['ramp_tokens']:
-    tokens += batch_size(tokens, {**ramp, 'end': batch}) * seq_len
-    step += 1
+  step, tokens = _through_ramp(seq_len, batch, ramp, max_steps=steps)
   return tokens + (steps - step) * batch * seq_len
 
 
 def steps_for(tokens: float, seq_len: int, batch: int, ramp: Mapping[str, Any] | None = None) -> int:
   """The fewest steps whose run_tokens reach `tokens`."""
-  seen, step = 0.0, 0
-  while ramp and seen < min(tokens, ramp['ramp_tokens']):
-    seen += batch_size(seen, {**ramp, 'end': batch}) * seq_len
-    step += 1
+  step, seen = _through_ramp(seq_len, batch, ramp, max_tokens=tokens)
   return step + max(0, math.ceil((tokens - seen) / (batch * seq_len)))
+
+
+def _through_ramp(seq_len: int, batch: int, ramp, max_steps: float = math.inf, max_tokens: float = math.inf):
+  """(steps, tokens) after stepping through the ramp's batch sizes until it ends, or a limit is reached."""
+  step, tokens = 0, 0.0
+  while ramp and step < max_steps and tokens < min(max_tokens, ramp['ramp_tokens']):
+    tokens += batch_size(tokens, {**ramp, 'end': batch}) * seq_len
+    step += 1
+  return step, tokens
 
 
 class Resolved(NamedTuple):

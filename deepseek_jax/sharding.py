@@ -132,7 +132,7 @@ def state_shardings(tree: Any, mesh, allow_replicated: bool = False) -> Any:
       axes = leaf.get_metadata().get('logical_axes')
       if not axes:
         return leaf.replace(NamedSharding(mesh, P()))
-      name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+      name = jax.tree_util.keystr(path, simple=True, separator='/')
       spec = logical_spec(axes, leaf.shape, mesh, name, np.dtype(leaf.dtype).itemsize, allow_replicated)
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())

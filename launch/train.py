@@ -19,7 +19,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepseek_jax.checkpoint import IncompatibleCheckpointError
 from deepseek_jax.run_dir import RunDirError
 from deepseek_jax.trainer import train
 
@@ -81,7 +80,7 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join('runs', _config_name())
   try:
     result = train(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)
-  except (RunDirError, IncompatibleCheckpointError, ValueError, FileNotFoundError, FloatingPointError) as error:
+  except (RunDirError, ValueError, FileNotFoundError, FloatingPointError) as error:
     logging.debug('the traceback (shown with --verbosity=1):', exc_info=True)
     sys.exit(f'error: {error}')  # exit status 1; the message names the field, file or directory at fault
   if result.preempted:
