@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from pallas_kernels import act_quant
 from pallas_kernels.common import round_up
@@ -132,6 +133,17 @@ def zeros(form: CacheForm, cfg: ModelConfig, batch: int, length: int, dtype, lay
   if form is CacheForm.ABSORBED:
     return LatentCache(jnp.zeros((*lead, b, s, cfg.kv_lora_rank), dtype), k_pe)
   raise ValueError(f'cache form must be a CacheForm, got {form!r}')
+
+
+def shardings(cache: Cache, mesh) -> Cache:
+  """NamedShardings for a cache (or its abstract form): every array split by rows over the mesh's batch axes
+  (sharding.RULES['batch']), so each device holds its rows' latents, as data-parallel attention needs."""
+  def one(layer):
+    rows = -4 if isinstance(layer, NaiveCache) else -3  # [(L,) B, S, H, N] or [(L,) B, S, X]
+    return type(layer)(*(sharding.batch_sharding(mesh, a.ndim, a.ndim + rows, a.shape[a.ndim + rows])
+                         for a in layer))
+
+  return jax.tree.map(one, cache, is_leaf=lambda x: isinstance(x, (LatentCache, FP8LatentCache, NaiveCache)))
 
 
 def bytes_per_token(cache: Cache) -> int:

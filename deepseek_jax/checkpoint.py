@@ -49,21 +49,21 @@ class Checkpointer:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                     meta=ocp.args.JsonSave(meta)), force=True)
 
-  def restore(self, abstract_state: Any, damaged_dir: str | None = None) -> Restored | None:
+  def restore(self, abstract_state: Any, damaged_dir: str | None = None, partial: bool = False) -> Restored | None:
     """The newest checkpoint that restores onto `abstract_state` (shapes and shardings), or None when there is
     none. Damaged ones are skipped (and moved into `damaged_dir` when given: only the run's one writer may);
-    an incompatible one raises IncompatibleCheckpointError."""
+    an incompatible one raises IncompatibleCheckpointError. partial: `abstract_state` is a dict of some of the
+    saved state's fields (e.g. params and bias for decoding): only their arrays are read."""
     skipped = []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      mismatch = _mismatch(self._recorded_tree(step), abstract_state)
+      mismatch = _mismatch(self._recorded_tree(step), abstract_state, partial)
       if mismatch:
         raise IncompatibleCheckpointError(
             f'checkpoint {os.path.join(self.directory, str(step))} holds another state than this run builds: '
             f'{mismatch}')
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        if restored.meta is None:
+        state, meta = self._read(step, abstract_state, partial)
+        if meta is None:
           raise ValueError('its meta item is missing')
       except Exception as error:  # damaged files: fall back to an older checkpoint while one exists
         # Orbax leaves the failed read's futures behind; asyncio would print each one's traceback.
@@ -74,8 +74,21 @@ class Checkpointer:
         logging.warning('checkpoint at step %d is unreadable (%s); %s; falling back to an older one', step, why,
                         where)
         continue
-      return Restored(step, restored.state, restored.meta, skipped)
+      return Restored(step, state, meta, skipped)
     return None
+
+  def _read(self, step: int, abstract_state: Any, partial: bool) -> tuple[Any, dict | None]:
+    if not partial:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      return restored.state, restored.meta
+    # The manager's 'state' handler restores whole trees; a PyTree handler reads the same files in part.
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    with ocp.PyTreeCheckpointer() as reader:
+      state = reader.restore(os.path.join(self.directory, str(step), 'state'), args=ocp.args.PyTreeRestore(
+          item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+          partial_restore=True))
+    return state, meta
 
   def _recorded_tree(self, step: int) -> Any:
     """The state tree the checkpoint's metadata records, or None when the metadata itself is unreadable
@@ -103,12 +116,15 @@ class Checkpointer:
     self.manager.close()
 
 
-def _mismatch(recorded: Any, abstract_state: Any, shown: int = 4) -> str:
+def _mismatch(recorded: Any, abstract_state: Any, partial: bool = False, shown: int = 4) -> str:
   """What differs between a checkpoint's recorded tree and the asked-for state (paths, shapes); '' if
-  nothing does, or if nothing was recorded."""
+  nothing does, or if nothing was recorded. partial: saved paths outside the asked-for fields are fine."""
   if recorded is None:
     return ''
   saved, asked = _shapes(recorded), _shapes(abstract_state)
+  if partial:
+    fields = tuple(f'{field}/' for field in abstract_state)
+    saved = {path: shape for path, shape in saved.items() if path.startswith(fields)}
   problems = [f'{path} is missing' for path in sorted(set(asked) - set(saved))]
   problems += [f'{path} is not in this model' for path in sorted(set(saved) - set(asked))]
   problems += [f'{path} has shape {saved[path]}, this run {asked[path]}' for path in sorted(set(saved) & set(asked))

@@ -47,6 +47,14 @@ def expert_mesh(n_tokens: int):
   return mesh
 
 
+def check_divides(n_experts: int, mesh) -> None:
+  """Each device along 'expert' must hold a whole, equal share of the routed experts."""
+  ep = mesh.shape.get('expert', 1)
+  if n_experts % ep:
+    raise ValueError(f'n_routed_experts={n_experts} does not divide by the mesh\'s expert axis ({ep} devices): '
+                     'choose mesh.expert among its divisors')
+
+
 def resolve(dispatch: str, ep: int, top_k: int) -> str:
   if dispatch == 'auto':
     return 'all_to_all' if ep > top_k and jax.default_backend() in ('tpu', 'gpu') else 'all_gather'
@@ -63,6 +71,8 @@ def routed(apply_fn: Callable, mesh, x_XD, experts_XK, weights_XK, expert_weight
   """
   ep = mesh.shape['expert']
   manual = 'expert' in mesh.manual_axes
+  if not manual:
+    check_divides(expert_weights[0].shape[0], mesh)
   n_local = expert_weights[0].shape[0] // (1 if manual else ep)
   local = _all_gather if resolve(dispatch, ep, experts_XK.shape[1]) == 'all_gather' else _all_to_all
 

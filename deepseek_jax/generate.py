@@ -12,11 +12,20 @@ after it, so a step emits two tokens when the draft is kept and one otherwise. A
 is simply overwritten by the next step (the cache rolls back by not advancing). Acceptance follows the
 lossless rule of sampling.accept_draft, so greedy output is token for token the plain greedy output.
 
+On a mesh (`mesh=`, sharding.make_mesh) decoding is data-parallel over the rows and expert-parallel over
+the routed experts, as DeepSeek serves V3 (paper §3.4.1; tpu-inference and SGLang do the same): the weights
+take the training shardings (sharding.RULES: routed experts over 'expert', FSDP over the rest), the cache is
+split by rows over data x expert (MLA's one latent per position is never copied per head or per device), and
+the MoE layers dispatch over 'expert' with expert_parallel.py. The batch is padded with finished rows to a
+multiple of the data x expert devices, so every dispatch sees whole per-device token blocks; padded rows come
+last, and JAX's counter-based random numbers give the real rows the same draws as without padding.
+
 Letters beyond model.py's key: J the emitted-token slots of a row (max_new_tokens + 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, NamedTuple, Sequence
 
@@ -25,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepseek_jax import cache as kv
+from deepseek_jax import sharding
 from deepseek_jax.cache import Cache, CacheForm
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.sampling import SamplingParams, accept_draft, check_params, sample
@@ -54,42 +65,86 @@ class _State(NamedTuple):
 def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              params: SamplingParams = SamplingParams(), seed: int = 0, stop_tokens: Sequence[int] = (),
              speculative: bool = False, cache: CacheForm = CacheForm.ABSORBED, cache_dtype=None,
-             on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
+             on_step: Callable[[list[list[int]]], None] | None = None, mesh=None,
+             allow_replicated: bool = False) -> Generation:
   """Generates up to max_new_tokens after each prompt. `on_step(new_tokens_per_row)` streams each step.
 
   cache: the KV cache form; cache_dtype: its dtype (default: the model's compute dtype). A model whose
-  Runtime unrolls its layers (scan_layers=False) decodes with per-layer weights (DeepSeekV3.unstacked)."""
+  Runtime unrolls its layers (scan_layers=False) decodes with per-layer weights (DeepSeekV3.unstacked).
+  mesh: decode on this ('pipeline', 'data', 'expert') mesh (pipeline 1); weights not yet in their sharding
+  (load_hf and restore_model place them there) are moved into it, raising ReplicatedError for a large
+  weight the mesh cannot split unless allow_replicated."""
   cfg = model.cfg
   prompts = [list(p) for p in prompts]
   _check(cfg, prompts, max_new_tokens, params, speculative)
   b, t = len(prompts), max(len(p) for p in prompts)
-  lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
-  tokens_BT = jnp.asarray([p + [0] * (t - len(p)) for p in prompts], jnp.int32)
+  rows = b
+  if mesh is not None:
+    if mesh.shape['pipeline'] > 1:
+      raise ValueError(f'generate: decoding runs on data x expert meshes; mesh.pipeline={mesh.shape["pipeline"]} '
+                       'must be 1')
+    rows = -(-b // sharding.batch_devices(mesh)) * sharding.batch_devices(mesh)
+    model = _placed(model, mesh, allow_replicated)
+  # Rows past b pad the batch to whole device blocks: one-token prompts that are done from the start.
+  lengths_B = np.asarray([len(p) for p in prompts] + [1] * (rows - b), np.int32)
+  tokens_BT = np.asarray([p + [0] * (t - len(p)) for p in prompts] + [[0] * t] * (rows - b), np.int32)
+  live_B = np.arange(rows) < b
   stops = tuple(int(s) for s in stop_tokens)
   # The model to decode with (per-layer weights when unrolled), split once and its GraphDef hashed once:
   # nnx.jit would walk the graph, and jax.jit would hash the GraphDef (~1 ms), on every call.
   decoder = model if model.rt.scan_layers else model.unstacked()
-  kv_cache = decoder.init_cache(b, t + max_new_tokens + 2, cache, cache_dtype)
+  make_cache = lambda: decoder.init_cache(rows, t + max_new_tokens + 2, cache, cache_dtype)
+  if mesh is None:
+    kv_cache = make_cache()
+    inputs = tuple(map(jnp.asarray, (tokens_BT, lengths_B, live_B)))
+  else:  # each device builds only its rows of the cache
+    kv_cache = jax.jit(make_cache, out_shardings=kv.shardings(jax.eval_shape(make_cache), mesh))()
+    inputs = tuple(_on_rows(a, mesh) for a in (tokens_BT, lengths_B, live_B))
   graphdef, weights = nnx.split(decoder)
   graphdef = _Static(graphdef)
-  state = _start(graphdef, weights, tokens_BT, lengths_B, kv_cache, jax.random.key(seed), max_new_tokens, params,
-                 stops, speculative)
+  # Traced under the mesh: the MoE layers see its 'expert' axis and dispatch over it (expert_parallel.py).
+  on_mesh = (lambda: jax.set_mesh(mesh)) if mesh is not None else contextlib.nullcontext
+  with on_mesh():
+    state = _start(graphdef, weights, *inputs, kv_cache, jax.random.key(seed), max_new_tokens, params, stops,
+                   speculative)
   # One device-to-host copy per call of what the host needs: the done flags, counts and tokens.
-  done, counts, out = jax.device_get((state.done_B, state.count_B, state.out_BJ))
+  done, counts, out = _fetch(state.done_B, state.count_B, state.out_BJ)
   emitted, steps = [1] * b, 0
   if on_step is not None:
-    on_step([[int(x)] for x in out[:, 0]])
+    on_step([[int(x)] for x in out[:b, 0]])
   chunk = 1 if on_step is not None else max_new_tokens
   while not done.all():
-    state, taken = _steps(graphdef, weights, state, chunk, params, stops, speculative)
-    taken, done, counts, out = jax.device_get((taken, state.done_B, state.count_B, state.out_BJ))
+    with on_mesh():
+      state, taken = _steps(graphdef, weights, state, chunk, params, stops, speculative)
+    taken, done, counts, out = _fetch(taken, state.done_B, state.count_B, state.out_BJ)
     steps += int(taken)
     if on_step is not None:
       on_step([out[r, emitted[r]:counts[r]].tolist() for r in range(b)])
-      emitted = counts.tolist()
+      emitted = counts[:b].tolist()
   counts = np.minimum(counts, max_new_tokens)
-  return Generation([_until_stop(out[r, :counts[r]].tolist(), stops) for r in range(b)], steps,
-                    int(state.drafts), int(state.accepted))
+  drafts, accepted = _fetch(state.drafts, state.accepted)
+  return Generation([_until_stop(out[r, :counts[r]].tolist(), stops) for r in range(b)], steps, int(drafts),
+                    int(accepted))
+
+
+def _placed(model: DeepSeekV3, mesh, allow_replicated: bool) -> DeepSeekV3:
+  """The model with its weights in the mesh's shardings (a no-op for weights already there)."""
+  graphdef, weights = nnx.split(model)
+  return nnx.merge(graphdef, jax.device_put(weights, sharding.state_shardings(weights, mesh, allow_replicated)))
+
+
+def _on_rows(array_B, mesh) -> jax.Array:
+  """A host array split by rows over the mesh's batch axes; every process gives the same whole array."""
+  where = sharding.batch_sharding(mesh, array_B.ndim, 0)
+  return jax.make_array_from_callback(array_B.shape, where, lambda index: array_B[index])
+
+
+def _fetch(*arrays) -> tuple:
+  """The arrays on the host, whole: with several processes, each gathers the rows the others hold."""
+  if jax.process_count() == 1:
+    return jax.device_get(arrays)
+  from jax.experimental import multihost_utils
+  return tuple(multihost_utils.process_allgather(arrays, tiled=True))
 
 
 def _check(cfg, prompts, max_new_tokens, params, speculative):
@@ -141,9 +196,11 @@ def _merge(graphdef: _Static, weights):
   return nnx.merge(graphdef.value, weights)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
-def _start(graphdef, weights, tokens_BT, lengths_B, cache, key, max_new, params, stops, speculative) -> _State:
-  """Prefill, the first token from each row's last prompt position, and (speculative) the first draft."""
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
+def _start(graphdef, weights, tokens_BT, lengths_B, live_B, cache, key, max_new, params, stops,
+           speculative) -> _State:
+  """Prefill, the first token from each row's last prompt position, and (speculative) the first draft. Rows
+  not live (padding) start done."""
   model = _merge(graphdef, weights)
   b = tokens_BT.shape[0]
   rows_B = jnp.arange(b)
@@ -152,7 +209,7 @@ def _start(graphdef, weights, tokens_BT, lengths_B, cache, key, max_new, params,
   key, first_key, draft_key = jax.random.split(key, 3)
   token_B = sample(out.logits_BTW[rows_B, lengths_B - 1], first_key, params)
   out_BJ = jnp.zeros((b, max_new + 1), jnp.int32).at[:, 0].set(token_B)
-  done_B = _is_stop(token_B, stops) | (max_new <= 1)
+  done_B = _is_stop(token_B, stops) | (max_new <= 1) | ~live_B
   draft_B = jnp.zeros((b,), jnp.int32)
   draft_logits_BW = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)
   if speculative:

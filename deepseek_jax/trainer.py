@@ -37,6 +37,7 @@ from deepseek_jax.generate import generate
 from deepseek_jax.metrics import MetricsWriter, plot_loss_curve, read_metrics
 from deepseek_jax.model import DeepSeekV3, moe_layer_ids
 from deepseek_jax.optimizer import adamw
+from deepseek_jax.router import RouterBias
 from deepseek_jax.train_step import Hyper, TrainState, eval_step, init_train_state, train_step
 
 
@@ -176,15 +177,22 @@ def _train(config, workdir, overwrite, cfg, rt, resolved, mesh, primary, held: c
   return TrainResult(step, False, val_loss, sample)
 
 
-def restore_model(workdir: str, rt: Runtime = Runtime()) -> tuple[ModelConfig, DeepSeekV3, int]:
-  """The model of a training run's newest readable checkpoint, run as `rt` says: (config, model, step)."""
+def restore_model(workdir: str, rt: Runtime = Runtime(), mesh=None,
+                  allow_replicated: bool = False) -> tuple[ModelConfig, DeepSeekV3, int]:
+  """The model of a training run's newest readable checkpoint, run as `rt` says: (config, model, step).
+
+  Only the weights and router biases are read (no optimizer state), each device reading its own shards of
+  them in the sharding rules' layout on `mesh` (default: one device), whatever mesh trained the run."""
   workdir = os.path.abspath(workdir)  # orbax reads from absolute paths only
   cfg = run_model_config(workdir)
-  graphdef, abstract = nnx.eval_shape(lambda: init_train_state(DeepSeekV3(cfg, rt, nnx.Rngs(0)), adamw()))
+  graphdef, params, bias = nnx.eval_shape(lambda: nnx.split(DeepSeekV3(cfg, rt, nnx.Rngs(0)), nnx.Param,
+                                                            RouterBias))
+  abstract = {'params': params, 'bias': bias}  # TrainState's fields, as the checkpoint names them
+  mesh = mesh if mesh is not None else sharding.make_mesh(data=1)
+  shardings = sharding.state_shardings(abstract, mesh, allow_replicated)
   checkpoints = Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
-  one_device = sharding.state_shardings(abstract, sharding.make_mesh(data=1))  # whatever mesh trained it
   try:  # a reader: damaged checkpoints are skipped, not moved (a trainer may own the directory)
-    restored = checkpoints.restore(sharding.with_shardings(abstract, one_device))
+    restored = checkpoints.restore(sharding.with_shardings(abstract, shardings), partial=True)
   finally:
     checkpoints.close()
   if restored is None:
@@ -192,7 +200,7 @@ def restore_model(workdir: str, rt: Runtime = Runtime()) -> tuple[ModelConfig, D
   if restored.skipped:
     logging.warning('restored step %d of %s: the newest readable checkpoint; skipped %s', restored.step, workdir,
                     '; '.join(restored.skipped))
-  return cfg, nnx.merge(graphdef, restored.state.params, restored.state.bias), restored.step
+  return cfg, nnx.merge(graphdef, restored.state['params'], restored.state['bias']), restored.step
 
 
 def run_model_config(workdir: str) -> ModelConfig:

@@ -1,16 +1,24 @@
 r"""Generate text from a training run or an official-format Hugging Face directory (absl).
 
   python -m launch.decode --workdir=runs/demo --prompt="def " --temperature=0 --speculative=mtp
-  python -m launch.decode --hf_dir=/models/DeepSeek-V3 --prompt_file=prompts.txt --max_new_tokens=256
+  python -m launch.decode --hf_dir=/models/DeepSeek-V3 --fp8_weights --mesh.expert=8 \
+      --prompt_file=prompts.txt --max_new_tokens=256      # 8 GPUs of one host: experts over 8, rows over 8
 
 Streams the text of a single prompt as it is generated, then prints tokens/s (and the MTP acceptance rate).
+On a mesh (--mesh.data x --mesh.expert devices; on a CPU-only machine --cpu_devices splits the host) each
+device loads only its shards of the weights (the training sharding rules: routed experts over 'expert', every
+other weight FSDP-split over both axes), holds the latent cache of its rows, and the MoE layers dispatch
+over 'expert'. A multi-host slice runs one process per host (--coordinator_address ..., or detected on TPU
+pods and SLURM); process 0 prints.
 """
 
+import os
 import sys
 import time
 
 from absl import app, flags, logging
 
+from deepseek_jax import expert_parallel, sharding
 from deepseek_jax.cache import CacheForm
 from deepseek_jax.config import Runtime
 from deepseek_jax.generate import generate, max_new_limit
@@ -18,6 +26,7 @@ from deepseek_jax.hf import load_hf, read_config
 from deepseek_jax.sampling import SamplingParams, check_params
 from deepseek_jax.tokenizer import hf_codec, run_codec
 from deepseek_jax.trainer import restore_model, run_model_config
+from launch import processes
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by launch/train.py (newest checkpoint).')
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'An official-format Hugging Face DeepSeek directory.')
@@ -34,6 +43,11 @@ _CACHE = flags.DEFINE_enum('cache', CacheForm.ABSORBED.value, [form.value for fo
 _DTYPE = flags.DEFINE_enum('dtype', None, ['bfloat16', 'float32'],
                            'Weights and activations (default: float32 for --workdir, bfloat16 for --hf_dir).')
 _FP8_WEIGHTS = flags.DEFINE_bool('fp8_weights', False, 'Keep an FP8 checkpoint in FP8 (--hf_dir).')
+_MESH_DATA = flags.DEFINE_integer('mesh.data', 1, 'Devices the batch rows (and FSDP weight shards) split over.')
+_MESH_EXPERT = flags.DEFINE_integer('mesh.expert', 1, 'Devices the routed experts split over (the rows split over '
+                                    'data x expert).')
+_ALLOW_REPLICATED = flags.DEFINE_bool('allow_replicated', False, 'Warn instead of failing when a large weight '
+                                      'has no dimension the mesh divides (every device then holds all of it).')
 _SCAN_LAYERS = flags.DEFINE_bool('scan_layers', True, 'Scan the stacked layers; --noscan_layers decodes with '
                                  'per-layer weights (faster for small models on CPU, compile time ~ depth).')
 
@@ -48,6 +62,10 @@ def main(argv):
 
 
 def _decode():
+  processes.start((1, _MESH_DATA.value, _MESH_EXPERT.value))
+  import jax
+  if jax.process_index() != 0:  # every process runs the same steps; one prints
+    sys.stdout = open(os.devnull, 'w')
   if bool(_WORKDIR.value) == bool(_HF_DIR.value):
     raise app.UsageError('give exactly one of --workdir and --hf_dir')
   if bool(_PROMPT.value is not None) == bool(_PROMPT_FILE.value):
@@ -61,6 +79,10 @@ def _decode():
     codec, cfg = run_codec(_WORKDIR.value), run_model_config(_WORKDIR.value)
   else:
     codec, (cfg, _) = hf_codec(_HF_DIR.value), read_config(_HF_DIR.value)
+  mesh, replicated = None, _ALLOW_REPLICATED.value
+  if _MESH_DATA.value * _MESH_EXPERT.value > 1:
+    mesh = sharding.make_mesh(data=_MESH_DATA.value, expert=_MESH_EXPERT.value)
+    expert_parallel.check_divides(cfg.n_routed_experts, mesh)  # before the weights are read
   params = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
   check_params(params, cfg.vocab_size)
   if codec.tokenizer.get_vocab_size() > cfg.vocab_size:
@@ -81,10 +103,10 @@ def _decode():
     print(f'--max_new_tokens defaults to {_MAX_NEW.value}; this model (max_seq_len {cfg.max_seq_len}) has room '
           f'for {room} after the prompt: generating {room}', file=sys.stderr)
   if _WORKDIR.value:
-    _, model, step = restore_model(_WORKDIR.value, rt)
+    _, model, step = restore_model(_WORKDIR.value, rt, mesh, replicated)
     print(f'restored step {step} of {_WORKDIR.value}', file=sys.stderr)
   else:
-    _, model = load_hf(_HF_DIR.value, rt)
+    _, model = load_hf(_HF_DIR.value, rt, mesh, replicated)
   streamed, marks = [], []  # marks: (time, tokens so far) after each step
 
   def on_step(new_tokens):
@@ -101,7 +123,8 @@ def _decode():
     sys.stdout.write(texts[0])
   start = time.perf_counter()
   result = generate(model, prompts, max_new, params, seed=_SEED.value, stop_tokens=codec.stop_ids,
-                    speculative=speculative, cache=CacheForm(_CACHE.value), on_step=on_step)
+                    speculative=speculative, cache=CacheForm(_CACHE.value), on_step=on_step, mesh=mesh,
+                    allow_replicated=replicated)
   if len(prompts) > 1:
     for text, tokens in zip(texts, result.tokens):
       print(f'{text}{codec.decode(tokens)}\n---')

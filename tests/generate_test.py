@@ -3,6 +3,7 @@ our greedy tokens equal transformers' generate(), sampling filters, and clear er
 
 import functools
 import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 from flax import nnx
 
+from deepseek_jax import cache as kv
+from deepseek_jax import expert_parallel, sharding
 from deepseek_jax.cache import CacheForm
 from deepseek_jax.config import PRESETS
 from deepseek_jax.generate import generate
@@ -23,6 +26,7 @@ TINY = PRESETS['tiny']
 PROMPTS = [[5, 9, 33, 7, 120], [100, 2], [7, 7, 7, 7, 7, 8, 250]]
 
 
+@functools.cache
 def trained_tiny(steps=60):
   """A tiny model trained on a repeating pattern: its MTP module learns to draft (acceptance >> 0)."""
   model = random_model(TINY, seed=1)
@@ -109,6 +113,53 @@ class GenerateTest(parameterized.TestCase):
       generate(random_model(TINY.replace(n_mtp_layers=0)), [[1]], 4, speculative=True)
     with self.assertRaisesRegex(FileNotFoundError, 'not a training run'):
       restore_model(self.create_tempdir().full_path)
+
+
+class MeshTest(parameterized.TestCase):
+  """Decoding on 8 CPU devices: rows over data x expert, routed experts over 'expert' (3 prompts pad to 8 rows)."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = random_model(TINY, seed=3)
+    cls.greedy = generate(cls.model, PROMPTS, 10)
+    cls.trained, cls.trained_prompts = trained_tiny(), [[3, 4, 5, 6], [9, 10, 11, 12, 13, 3, 4]]
+    cls.trained_plain = generate(cls.trained, cls.trained_prompts, 16)
+
+  @parameterized.parameters((2, 4), (1, 8), (8, 1))
+  def test_tokens_equal_one_device(self, data, expert):
+    mesh = sharding.make_mesh(data=data, expert=expert)
+    self.assertEqual(TINY.n_routed_experts % expert, 0)
+    with mock.patch.object(expert_parallel, 'routed', wraps=expert_parallel.routed) as routed:
+      self.assertEqual(generate(self.model, PROMPTS, 10, mesh=mesh).tokens, self.greedy.tokens)
+      # Traced afresh for this mesh: the MoE layers dispatched over 'expert' wherever it spans devices.
+      self.assertEqual(routed.call_count > 0, expert > 1)
+    spec = generate(self.trained, self.trained_prompts, 16, mesh=mesh, speculative=True)
+    self.assertEqual(spec.tokens, self.trained_plain.tokens)
+    self.assertGreater(spec.accepted, 0)  # kept drafts too, not only the rejection path
+
+  def test_sampled_tokens_equal_one_device(self):
+    params = SamplingParams(temperature=1.0, top_k=20)
+    mesh = sharding.make_mesh(data=2, expert=4)
+    self.assertEqual(generate(self.model, PROMPTS, 6, params, seed=4, mesh=mesh).tokens,
+                     generate(self.model, PROMPTS, 6, params, seed=4).tokens)
+
+  def test_cache_rows_split_over_the_batch_devices(self):
+    mesh = sharding.make_mesh(data=2, expert=4)
+    for form, rows_dim in ((CacheForm.ABSORBED, 1), (CacheForm.FP8, 1), (CacheForm.NAIVE, 1)):
+      cache = jax.eval_shape(lambda: self.model.init_cache(8, 32, form))
+      specs = jax.tree.leaves(kv.shardings(cache, mesh), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+      self.assertLen(specs, len(jax.tree.leaves(cache)))
+      for spec in specs:  # stacked [L, B, ...] and the MTP depth's [B, ...]: only the rows are split
+        parts = [p for p in spec.spec if p is not None]
+        self.assertEqual(parts, [('data', 'expert')])
+        self.assertIn(spec.spec.index(('data', 'expert')), (0, rows_dim))
+
+  def test_errors(self):
+    with self.assertRaisesRegex(ValueError, 'n_routed_experts=8 does not divide by the mesh.s expert axis \\(3'):
+      generate(self.model, PROMPTS, 4, mesh=sharding.make_mesh(data=1, expert=3))
+    with self.assertRaisesRegex(ValueError, 'mesh.pipeline=2 must be 1'):
+      generate(self.model, PROMPTS, 4, mesh=sharding.make_mesh(data=2, expert=2, pipeline=2))
 
 
 class SamplingTest(absltest.TestCase):

@@ -4,6 +4,7 @@ decoding launcher on an official-format directory."""
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -86,25 +87,56 @@ class HFCodecTest(absltest.TestCase):
 
 class HFDecodeLauncherTest(absltest.TestCase):
 
-  def test_decodes_an_official_format_directory(self):
-    path = tempfile.mkdtemp()
-    tokenizer = hf_directory(path)
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.path = tempfile.mkdtemp()
+    tokenizer = hf_directory(cls.path)
     cfg = PRESETS['tiny'].replace(vocab_size=tokenizer.get_vocab_size())
-    save_hf(cfg, random_model(cfg, seed=2), path)
+    save_hf(cfg, random_model(cfg, seed=2), cls.path)
 
-    def decode(*flags):
-      done = subprocess.run([sys.executable, '-m', 'launch.decode', f'--hf_dir={path}', '--prompt=def ',
-                             '--max_new_tokens=12', '--dtype=float32', *flags], cwd=REPO, capture_output=True,
-                            text=True, timeout=300)
-      self.assertEqual(done.returncode, 0, done.stderr[-3000:])
-      return done.stdout
+  def decode(self, *flags):
+    done = subprocess.run([sys.executable, '-m', 'launch.decode', f'--hf_dir={self.path}', '--max_new_tokens=12',
+                           '--dtype=float32', *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+    self.assertEqual(done.returncode, 0, done.stderr[-3000:])
+    return done.stdout
 
-    plain, spec = decode(), decode('--speculative=mtp')
+  def test_decodes_an_official_format_directory(self):
+    plain, spec = self.decode('--prompt=def '), self.decode('--prompt=def ', '--speculative=mtp')
+    # The issue's command: 8 CPU devices, rows over data x expert, each device loading only its weight shards.
+    on_mesh = self.decode('--prompt=def ', '--mesh.data=2', '--mesh.expert=4', '--cpu_devices=8', '--temperature=0')
     self.assertRegex(plain, r'\d+ tokens in \d+ decode steps')
     self.assertRegex(spec, r'MTP acceptance: \d+/\d+')
     split = lambda out: re.split(r'\n(?=\d+ tokens in)', out, maxsplit=1)[0]
     self.assertEqual(split(plain), split(spec))
+    self.assertEqual(split(on_mesh), split(plain))
     self.assertTrue(split(plain).startswith('def '))
+
+  def test_two_processes_decode_the_one_process_batch(self):
+    prompts = os.path.join(self.path, 'prompts.txt')
+    with open(prompts, 'w') as f:
+      f.write('def \nclass Tree:\nimport \n')
+    flags = (f'--prompt_file={prompts}', '--mesh.data=2', '--mesh.expert=4')
+    want = re.split(r'\n(?=\d+ tokens in)', self.decode(*flags, '--cpu_devices=8'), maxsplit=1)[0]
+    self.assertEqual(want.count('\n---'), 3)
+    with socket.socket() as s:  # a free loopback port
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    # 2 processes x 4 CPU devices over loopback, the multi-host form of the same mesh; process 0 prints.
+    command = [sys.executable, '-m', 'launch.decode', f'--hf_dir={self.path}', '--max_new_tokens=12',
+               '--dtype=float32', *flags, '--cpu_devices=4', f'--coordinator_address=127.0.0.1:{port}',
+               '--num_processes=2']
+    processes = [subprocess.Popen(command + [f'--process_id={i}'], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+      outputs = [p.communicate(timeout=300) for p in processes]
+    finally:
+      for p in processes:
+        p.kill()
+    for p, (_, err) in zip(processes, outputs):
+      self.assertEqual(p.returncode, 0, err[-3000:])
+    self.assertIn(want, outputs[0][0])  # (XLA's CPU collectives library prints its own lines to stdout too)
+    self.assertNotIn('---', outputs[1][0])
 
   def test_tokenizer_and_sampling_are_checked_before_the_weights(self):
     path = tempfile.mkdtemp()
@@ -121,6 +153,8 @@ class HFDecodeLauncherTest(absltest.TestCase):
       return done.stderr
 
     self.assertIn(f'error: the tokenizer has {tokens} tokens but the model vocab_size is 300', decode())
+    self.assertIn('error: n_routed_experts=8 does not divide by the mesh\'s expert axis (3 devices)',
+                  decode('--mesh.expert=3', '--cpu_devices=3', '--max_new_tokens=4'))
     self.assertIn('error: temperature=nan must be a finite number >= 0', decode('--temperature=nan'))
     os.remove(os.path.join(path, 'tokenizer.json'))
     self.assertIn(f'error: {path}/tokenizer.json does not exist', decode())

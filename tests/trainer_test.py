@@ -103,6 +103,27 @@ class LauncherTest(absltest.TestCase):
     _, _, step = restore_model(os.path.relpath(self.reference))  # relative, as the README's decode command
     self.assertEqual(step, STEPS)
 
+  def test_params_only_restore_onto_a_mesh_decodes_the_same_tokens(self):
+    import jax
+    import numpy as np
+    from flax import nnx
+    from deepseek_jax import sharding
+    from deepseek_jax.generate import generate
+    from deepseek_jax.trainer import restore_model
+    cfg, model, _ = restore_model(self.reference)
+    mesh = sharding.make_mesh(data=2, expert=4)
+    _, on_mesh, step = restore_model(self.reference, mesh=mesh)
+    self.assertEqual(step, STEPS)
+    weights = nnx.state(on_mesh)
+    want = sharding.state_shardings(weights, mesh)
+    for (path, leaf), expected in zip(jax.tree_util.tree_flatten_with_path(weights)[0], jax.tree.leaves(want)):
+      self.assertEqual(leaf.sharding, expected, path)  # each parameter restored straight into its sharding
+    w1 = on_mesh.moe_layers.ffn.experts.w1[...]
+    self.assertEqual(w1.addressable_shards[0].data.nbytes, w1.nbytes // 8)  # experts over 4, FSDP over 2
+    np.testing.assert_array_equal(w1, model.moe_layers.ffn.experts.w1[...])
+    prompts = [[5, 9, 33, 7, 120], [100, 2], [7, 8]]
+    self.assertEqual(generate(on_mesh, prompts, 12, mesh=mesh).tokens, generate(model, prompts, 12).tokens)
+
   @pytest.mark.slow  # generate_test proves speculative == plain; tokenizer_test runs launch.decode by default
   def test_decode_speculative_prints_the_plain_text(self):
     def decode(*flags):
