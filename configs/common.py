@@ -27,6 +27,11 @@ def base_config(model: str, steps: int, batch_size: int, seq_len: int, peak_lr: 
   # --config.runtime.quant=fp8 (DeepSeek's FP8 recipe on every projection), --config.runtime.remat=True.
   config.runtime = ml_collections.ConfigDict(dataclasses.asdict(Runtime()))
   config.seed = 0
+  # Start from pretrained weights instead of a random init: an official-format Hugging Face directory (bf16
+  # or FP8 files, loaded as fp32 master weights, router biases from e_score_correction_bias) or a training
+  # run's newest checkpoint (weights only). The architecture is the checkpoint's; the corpus must be encoded
+  # with its tokenizer (data.tokenizer_path). Only a fresh run reads it; a resumed run continues its own.
+  config.init_from = ''
   config.steps = steps
   config.batch_size = batch_size  # sequences per step (the final size when batch_ramp is set)
   config.batch_ramp = ml_collections.ConfigDict()  # optional: start, tokens, multiple

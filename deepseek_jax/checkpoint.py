@@ -56,7 +56,7 @@ class Checkpointer:
     saved state's fields (e.g. params and bias for decoding): only their arrays are read."""
     skipped = []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      mismatch = _mismatch(self._recorded_tree(step), abstract_state, partial)
+      mismatch = tree_mismatch(self._recorded_tree(step), abstract_state, partial)
       if mismatch:
         raise IncompatibleCheckpointError(
             f'checkpoint {os.path.join(self.directory, str(step))} holds another state than this run builds: '
@@ -116,9 +116,9 @@ class Checkpointer:
     self.manager.close()
 
 
-def _mismatch(recorded: Any, abstract_state: Any, partial: bool = False, shown: int = 4) -> str:
-  """What differs between a checkpoint's recorded tree and the asked-for state (paths, shapes); '' if
-  nothing does, or if nothing was recorded. partial: saved paths outside the asked-for fields are fine."""
+def tree_mismatch(recorded: Any, abstract_state: Any, partial: bool = False, shown: int = 4) -> str:
+  """What differs between a recorded tree (a checkpoint's, or loaded weights) and the asked-for state (paths,
+  shapes); '' if nothing does, or if nothing was recorded. partial: saved paths outside the asked-for fields are fine."""
   if recorded is None:
     return ''
   saved, asked = _shapes(recorded), _shapes(abstract_state)

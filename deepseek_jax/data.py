@@ -105,13 +105,16 @@ class Corpus:
 
 
 _IDENTITY = {'tokens': ('source', 'tokens_path', 'tokens_dtype', 'val_fraction', 'tokenizer_path'),
-             'text': ('source', 'files', 'max_documents', 'vocab_size', 'val_fraction')}
+             'text': ('source', 'files', 'max_documents', 'vocab_size', 'val_fraction', 'tokenizer_path')}
 
 
 def identity(c: Mapping[str, Any]) -> dict[str, Any]:
   """The data settings that decide a run's token ids (corpus, split, tokenizer): a run resumed under other
-  ones would train its weights on another vocabulary's ids."""
-  return {k: c.get(k) for k in _IDENTITY['tokens' if c['source'] == 'tokens' else 'text']}
+  ones would train its weights on another vocabulary's ids. (A text corpus's tokenizer_path counts only when
+  set: the runs recorded before it existed keep their identity.)"""
+  text = c['source'] != 'tokens'
+  return {k: c.get(k) for k in _IDENTITY['text' if text else 'tokens']
+          if not (text and k == 'tokenizer_path' and not c.get(k))}
 
 
 def fingerprint(c: Mapping[str, Any]) -> str:
@@ -140,17 +143,37 @@ def prepare(c: Mapping[str, Any], directory: str) -> Corpus:
   train_docs = [text for name, text in docs if name not in val_names]
   if not train_docs:
     raise ValueError('data: every document fell into the validation split; lower data.val_fraction')
-  tokenizer = train_tokenizer(train_docs, c['vocab_size'])
+  if c.get('tokenizer_path'):  # a given tokenizer (a fine-tuned model's own), documents ended by its EOS
+    tokenizer, eos = _given_tokenizer(c['tokenizer_path'])
+  else:
+    tokenizer = train_tokenizer(train_docs, c['vocab_size'])
+    eos = tokenizer.token_to_id(EOS)
   dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32)
-  eos = tokenizer.token_to_id(EOS)
   for split, texts in (('train', train_docs), ('val', [t for n, t in docs if n in val_names])):
     ids = np.concatenate([np.append(e.ids, eos) for e in tokenizer.encode_batch(texts)]).astype(dtype)
     _atomic_write(paths[f'{split}.bin'], lambda f, ids=ids: ids.tofile(f))
   _atomic_write(paths['tokenizer.json'], lambda f: f.write(tokenizer.to_str().encode()))
+  beside = os.path.join(os.path.dirname(c.get('tokenizer_path') or ''), 'tokenizer_config.json')
+  if c.get('tokenizer_path') and os.path.isfile(beside):  # its chat template and special tokens, for decoding
+    with open(beside, 'rb') as f:
+      settings = f.read()
+    _atomic_write(os.path.join(directory, 'tokenizer_config.json'), lambda f: f.write(settings))
   _atomic_write(meta_path, lambda f: f.write(json.dumps(
       {'fingerprint': fingerprint_, 'dtype': dtype.name, 'documents': len(docs),
        'val_documents': sorted(val_names)}).encode()))
   return prepare(c, directory)
+
+
+def _given_tokenizer(path: str):
+  """(tokenizer, EOS id) of data.tokenizer_path for a text corpus."""
+  from deepseek_jax.tokenizer import file_codec  # tokenizer.py builds on this module
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'data.tokenizer_path={path!r} is not a file')
+  codec = file_codec(path)
+  if not codec.stop_ids:
+    raise ValueError(f'data.tokenizer_path={path!r}: the tokenizer has no end-of-text token ({EOS}, or the eos_token '
+                     'of a tokenizer_config.json beside it) to end each document with')
+  return codec.tokenizer, codec.stop_ids[0]
 
 
 def _token_file(c: Mapping[str, Any]) -> Corpus:

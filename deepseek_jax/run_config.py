@@ -8,11 +8,12 @@ no trace: the error names the field and the values it takes.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 
 from ml_collections import config_dict
 
-from deepseek_jax import schedules
+from deepseek_jax import hf, run_dir, schedules
 from deepseek_jax.config import PRESETS, ModelConfig, Runtime
 
 # Fields that must be positive integers (sizes, counts and periods), and those that may also be 0.
@@ -49,12 +50,21 @@ def validate(config) -> None:
 
 def model_config(config) -> ModelConfig:
   """The run's architecture: the preset with config.model_overrides, and the vocabulary of the tokenizer the
-  run trains (data.vocab_size) unless the data is pre-tokenized (then the preset's, or an override)."""
+  run trains (data.vocab_size) unless the data is pre-tokenized (then the preset's, or an override). With
+  config.init_from, the architecture and vocabulary are the checkpoint's (overrides may change fields that
+  keep every tensor's shape, such as max_seq_len; one that does not fails the load, naming the tensor)."""
   preset = _preset(config)
   overrides = {key: value for key, value in dict(config.get('model_overrides', {})).items() if value is not None}
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
   if set(overrides) - fields:
     raise ValueError(f'config.model_overrides.{sorted(set(overrides) - fields)[0]} is not a ModelConfig field')
+  if config.get('init_from'):
+    source = init_source(config.init_from)[1]
+    if config.data.source != 'tokens' and not config.data.tokenizer_path:
+      raise ValueError(f'config.init_from={config.init_from!r}: the model reads the ids of its own tokenizer; set '
+                       'config.data.tokenizer_path to it (a Hugging Face directory\'s tokenizer.json, or a run\'s '
+                       'data/tokenizer.json) so the corpus is encoded with it')
+    return source.replace(**overrides)
   if config.data.source != 'tokens':
     if 'vocab_size' in overrides and overrides['vocab_size'] != config.data.vocab_size:
       raise ValueError(f'model_overrides.vocab_size={overrides["vocab_size"]} differs from data.vocab_size='
@@ -62,6 +72,17 @@ def model_config(config) -> ModelConfig:
                        'data.vocab_size only')
     overrides['vocab_size'] = config.data.vocab_size
   return preset.replace(**overrides)
+
+
+def init_source(path: str) -> tuple[str, ModelConfig]:
+  """('hf' | 'run', its architecture) of config.init_from: an official-format Hugging Face directory or a
+  training run directory."""
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    return 'hf', hf.read_config(path)[0]
+  if os.path.isfile(os.path.join(path, run_dir.MODEL_FILE)):
+    return 'run', run_dir.model_config(path)
+  raise FileNotFoundError(f'config.init_from={path!r} is neither a Hugging Face model directory (config.json) '
+                          f'nor a training run directory ({run_dir.MODEL_FILE})')
 
 
 def _preset(config) -> ModelConfig:

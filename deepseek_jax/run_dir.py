@@ -117,6 +117,20 @@ def record(workdir: str, cfg: ModelConfig, run: Mapping[str, Any]) -> None:
   write_json(os.path.join(workdir, RUN_FILE), {'data': dict(run['data'])})
 
 
+def model_config(workdir: str) -> ModelConfig:
+  """The architecture a training run recorded (WORKDIR/model.json)."""
+  path = os.path.join(workdir, MODEL_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training run directory')
+  with open(path) as f:
+    return ModelConfig(**json.load(f))
+
+
+def recorded_data(workdir: str) -> dict:
+  """The data settings the run recorded (run.json), {} for a run from before run.json."""
+  return (_read_json(os.path.join(workdir, RUN_FILE)) or {}).get('data', {})
+
+
 def move_aside(workdir: str) -> str:
   """Moves everything of the run in `workdir` (but its lock) into a new sibling directory; returns its path."""
   aside = f'{workdir.rstrip(os.sep)}.replaced-{time.strftime("%Y%m%d-%H%M%S")}'

@@ -54,7 +54,7 @@ def run_codec(workdir: str) -> TextCodec:
   path = os.path.join(workdir, 'data', 'tokenizer.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: not a training run directory, or a token-file run')
-  return TextCodec(data.load_tokenizer(path), eos_token=data.EOS)
+  return file_codec(path)
 
 
 def hf_codec(hf_dir: str) -> TextCodec:
@@ -62,11 +62,17 @@ def hf_codec(hf_dir: str) -> TextCodec:
   path = os.path.join(hf_dir, 'tokenizer.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: the directory ships no tokenizer')
-  config = {}
-  config_path = os.path.join(hf_dir, 'tokenizer_config.json')
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      config = json.load(f)
+  return file_codec(path)
+
+
+def file_codec(path: str) -> TextCodec:
+  """A tokenizer.json with the chat template and BOS / EOS of the tokenizer_config.json beside it (a Hugging
+  Face directory); without one, a run's BPE, whose EOS is data.EOS."""
+  config_path = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
+  if not os.path.exists(config_path):
+    return TextCodec(data.load_tokenizer(path), eos_token=data.EOS)
+  with open(config_path) as f:
+    config = json.load(f)
   token = lambda key: config[key]['content'] if isinstance(config.get(key), dict) else config.get(key)
   return TextCodec(data.load_tokenizer(path), config.get('chat_template'), token('bos_token'), token('eos_token'),
                    bool(config.get('add_bos_token', False)))

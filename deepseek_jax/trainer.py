@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import signal
 import time
@@ -30,9 +29,10 @@ from absl import logging
 from flax import nnx
 
 from deepseek_jax import data, run_dir, schedules, sharding
-from deepseek_jax.checkpoint import Checkpointer
+from deepseek_jax.checkpoint import Checkpointer, tree_mismatch
 from deepseek_jax.config import ModelConfig, Runtime
-from deepseek_jax.run_config import batch_ramp, model_config, runtime, schedule, validate
+from deepseek_jax.hf import load_hf
+from deepseek_jax.run_config import batch_ramp, init_source, model_config, runtime, schedule, validate
 from deepseek_jax.generate import generate
 from deepseek_jax.metrics import MetricsWriter, plot_loss_curve, read_metrics
 from deepseek_jax.model import DeepSeekV3, moe_layer_ids
@@ -112,8 +112,12 @@ def _train(config, workdir, overwrite, cfg, rt, resolved, mesh, primary, held: c
     run_dir.record(workdir, cfg, record)  # what restore_model rebuilds the model from, and the next check
   if restored is None:
     step, tokens_seen = 0, 0
-    state = jax.jit(lambda: fresh_state()[1], out_shardings=shardings)()  # each device builds its shards
-    logging.info('new run in %s: %s', workdir, _size(cfg))
+    if config.init_from:
+      state = _pretrained_state(config.init_from, abstract_state, shardings, tx, rt, mesh, config.allow_replicated)
+      logging.info('new run in %s from the weights of %s: %s', workdir, config.init_from, _size(cfg))
+    else:
+      state = jax.jit(lambda: fresh_state()[1], out_shardings=shardings)()  # each device builds its shards
+      logging.info('new run in %s: %s', workdir, _size(cfg))
   else:
     step, state, meta = restored.step, restored.state, restored.meta
     tokens_seen = meta['tokens_seen']
@@ -184,7 +188,7 @@ def restore_model(workdir: str, rt: Runtime = Runtime(), mesh=None,
   Only the weights and router biases are read (no optimizer state), each device reading its own shards of
   them in the sharding rules' layout on `mesh` (default: one device), whatever mesh trained the run."""
   workdir = os.path.abspath(workdir)  # orbax reads from absolute paths only
-  cfg = run_model_config(workdir)
+  cfg = run_dir.model_config(workdir)
   graphdef, params, bias = nnx.eval_shape(lambda: nnx.split(DeepSeekV3(cfg, rt, nnx.Rngs(0)), nnx.Param,
                                                             RouterBias))
   abstract = {'params': params, 'bias': bias}  # TrainState's fields, as the checkpoint names them
@@ -203,13 +207,23 @@ def restore_model(workdir: str, rt: Runtime = Runtime(), mesh=None,
   return cfg, nnx.merge(graphdef, restored.state['params'], restored.state['bias']), restored.step
 
 
-def run_model_config(workdir: str) -> ModelConfig:
-  """The architecture a training run recorded (WORKDIR/model.json)."""
-  path = os.path.join(workdir, run_dir.MODEL_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a training run directory')
-  with open(path) as f:
-    return ModelConfig(**json.load(f))
+def _pretrained_state(path: str, abstract: TrainState, shardings, tx, rt: Runtime, mesh,
+                      allow_replicated: bool) -> TrainState:
+  """A fresh train state holding config.init_from's weights, each streamed into its training sharding (a HF
+  directory through load_hf, FP8 blocks dequantized into the master dtype; a run's newest checkpoint, weights
+  only), with new optimizer moments."""
+  if init_source(path)[0] == 'hf':
+    _, model = load_hf(path, rt, mesh, allow_replicated)
+  else:
+    _, model, _ = restore_model(path, rt, mesh, allow_replicated)
+  _, params, bias = nnx.split(model, nnx.Param, RouterBias)
+  mismatch = tree_mismatch({'params': params, 'bias': bias}, {'params': abstract.params, 'bias': abstract.bias})
+  if mismatch:  # a model override that changes a tensor's shape
+    raise ValueError(f'config.init_from={path!r} holds other weights than this run builds: {mismatch}')
+  params, bias = jax.device_put((params, bias), (shardings.params, shardings.bias))  # already there: no copy
+  rest = jax.jit(lambda p: (tx.init(p), jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)),
+                 out_shardings=(shardings.opt_state, shardings.skipped, shardings.streak))(params)
+  return TrainState(params, bias, *rest)
 
 
 def _prepare_data(config, workdir: str, primary: bool) -> data.Corpus:

@@ -18,14 +18,14 @@ import time
 
 from absl import app, flags, logging
 
-from deepseek_jax import expert_parallel, sharding
+from deepseek_jax import expert_parallel, run_dir, sharding
 from deepseek_jax.cache import CacheForm
 from deepseek_jax.config import Runtime
 from deepseek_jax.generate import generate, max_new_limit
 from deepseek_jax.hf import load_hf, read_config
 from deepseek_jax.sampling import SamplingParams, check_params
 from deepseek_jax.tokenizer import hf_codec, run_codec
-from deepseek_jax.trainer import restore_model, run_model_config
+from deepseek_jax.trainer import restore_model
 from launch import processes
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run directory written by launch/train.py (newest checkpoint).')
@@ -76,7 +76,7 @@ def _decode():
   if _WORKDIR.value:
     if _FP8_WEIGHTS.value:
       raise app.UsageError('--fp8_weights holds an official FP8 checkpoint as FP8: use it with --hf_dir')
-    codec, cfg = run_codec(_WORKDIR.value), run_model_config(_WORKDIR.value)
+    codec, cfg = run_codec(_WORKDIR.value), run_dir.model_config(_WORKDIR.value)
   else:
     codec, (cfg, _) = hf_codec(_HF_DIR.value), read_config(_HF_DIR.value)
   mesh, replicated = None, _ALLOW_REPLICATED.value
