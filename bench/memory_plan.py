@@ -23,7 +23,8 @@ _BATCH = flags.DEFINE_integer('batch', 256, 'Decoding: sequences in the latent c
 _CONTEXT = flags.DEFINE_integer('context', 8192, 'Decoding: positions per sequence.')
 
 # (what, device, HBM GB, (pipeline, data, expert))
-TRAINING = (('TPU v6e-256', 32, (1, 32, 8)), ('TPU v6e-512', 32, (1, 64, 8)), ('2,048 H800', 80, (1, 256, 8)))
+TRAINING = (('TPU v6e-256', 32, (1, 32, 8)), ('TPU v6e-512', 32, (1, 64, 8)), ('2,048 H800', 80, (1, 256, 8)),
+            ('2,048 H800, 2 pipeline stages', 80, (2, 128, 8)))
 DECODING = (('8 x H200', 141, (1, 1, 8)), ('TPU v6e-32', 32, (1, 4, 8)), ('TPU v6e-64', 32, (1, 8, 8)))
 
 
@@ -80,7 +81,9 @@ def main(argv):
           'decoding: the weights held as FP8 with their block scales, and the absorbed latent cache '
           f'({per_token:,} B per position in bf16) of {_BATCH.value} sequences x {_CONTEXT.value:,} positions with '
           'its rows split over data x expert. Activations, compiled temporaries and the runtime are not counted, '
-          'so the last column is a floor. HBM: v6e 32 GB, H800 80 GB, H200 141 GB.\n\n' + '\n'.join(rows))
+          'so the last column is a floor. With pipeline stages each stage holds its half of the 58 stacked MoE '
+          'layers, while the embedding, dense layers, head and MTP are not split over the pipeline axis (every '
+          'stage keeps its data x expert shards of them). HBM: v6e 32 GB, H800 80 GB, H200 141 GB.\n\n' + '\n'.join(rows))
   print(body)
   replace_section('Per-device memory of v3-671b (sharding rules)', body)
 
