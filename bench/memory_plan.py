@@ -83,7 +83,8 @@ def main(argv):
           'its rows split over data x expert. Activations, compiled temporaries and the runtime are not counted, '
           'so the last column is a floor. With pipeline stages each stage holds its half of the 58 stacked MoE '
           'layers, while the embedding, dense layers, head and MTP are not split over the pipeline axis (every '
-          'stage keeps its data x expert shards of them). HBM: v6e 32 GB, H800 80 GB, H200 141 GB.\n\n' + '\n'.join(rows))
+          'stage keeps its data x expert shards of them). HBM: v6e 32 GB, H800 80 GB, H200 141 GB.\n\n'
+          + '\n'.join(rows))
   print(body)
   replace_section('Per-device memory of v3-671b (sharding rules)', body)
 

@@ -118,7 +118,8 @@ class Checkpointer:
 
 def tree_mismatch(recorded: Any, abstract_state: Any, partial: bool = False, shown: int = 4) -> str:
   """What differs between a recorded tree (a checkpoint's, or loaded weights) and the asked-for state (paths,
-  shapes); '' if nothing does, or if nothing was recorded. partial: saved paths outside the asked-for fields are fine."""
+  shapes); '' if nothing does, or if nothing was recorded. partial: saved paths outside the asked-for fields
+  are fine."""
   if recorded is None:
     return ''
   saved, asked = _shapes(recorded), _shapes(abstract_state)

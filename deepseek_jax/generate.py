@@ -13,7 +13,7 @@ is simply overwritten by the next step (the cache rolls back by not advancing). 
 lossless rule of sampling.accept_draft, so greedy output is token for token the plain greedy output.
 
 On a mesh (`mesh=`, sharding.make_mesh) decoding is data-parallel over the rows and expert-parallel over
-the routed experts, as DeepSeek serves V3 (paper §3.4.1; tpu-inference and SGLang do the same): the weights
+the routed experts, as DeepSeek serves V3 (paper §3.4: data-parallel attention, expert-parallel MoE): the weights
 take the training shardings (sharding.RULES: routed experts over 'expert', FSDP over the rest), the cache is
 split by rows over data x expert (MLA's one latent per position is never copied per head or per device), and
 the MoE layers dispatch over 'expert' with expert_parallel.py. The batch is padded with finished rows to a
