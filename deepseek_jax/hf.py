@@ -138,7 +138,8 @@ def load_hf(path: str, rt: Runtime = Runtime(), mesh=None, allow_replicated: boo
   (memory-mapped reads), so the host holds one slice of one tensor at a time, never a stacked tensor, and
   in a multi-process run each process reads only what its own devices hold. FP8 weights are dequantized
   per slice with the scales of the blocks it covers. With rt.fp8_weights the projections and experts keep
-  FP8 codes and block scales (read a whole tensor at a time).
+  FP8 codes and block scales (stored codes read per slice too; weights quantized on load, a whole tensor at
+  a time).
   Every tensor's name, shape and dtype is checked before anything is allocated: a ValueError names the
   first missing, unknown, mis-shaped or wrongly typed one. `report`, if given, receives bytes_read (this
   process's distinct blocks, as loaded), total_bytes (the whole model) and seconds.
@@ -283,8 +284,8 @@ def _check_unknown(store: SafetensorsDir, layout: dict[tuple, Source], cfg: Mode
 def _read_entry(store: SafetensorsDir, source: Source, entry, inner, dtype, rt: Runtime) -> np.ndarray:
   """The `inner` block (a slice per non-stacked dimension) of the stacked entry `entry` (layer, expert)."""
   name = source.names[entry]
-  if source.fp8:  # held FP8: codes or scales of the whole tensor (padded), then the block
-    piece = _held_fp8(store, source, entry, rt)[inner]
+  if source.fp8:  # held FP8: the block of the (padded) codes or scales
+    piece = _held_fp8(store, source, entry, rt, inner)
   elif source.transpose:  # ours [in, out] is the checkpoint's [out, in]
     piece = _dequantized(store, name, inner[::-1]).T
   else:
@@ -330,8 +331,10 @@ def _check_tensor(store: SafetensorsDir, name: str, shape) -> None:
     raise ValueError(f'checkpoint tensor {scale_name!r} scales {name!r}, which is {code}, not F8_E4M3')
 
 
-def _held_fp8(store: SafetensorsDir, source: Source, index, rt: Runtime) -> np.ndarray:
-  """FP8 codes [in', out'] or block scales [in'/128, out'/128] of one weight, as stored or quantized now."""
+def _held_fp8(store: SafetensorsDir, source: Source, index, rt: Runtime, inner) -> np.ndarray:
+  """The `inner` block of one weight's FP8 codes [in', out'] or block scales [in'/128, out'/128] (padded to
+  whole 128-blocks), as stored (only the block's rows and columns of the codes are read) or quantized now
+  (from the whole tensor: a block of the quantization may span device slices)."""
   name = source.names[index]
   weight_name = name[:-len('_scale_inv')] if source.fp8 == 'scales' else name
   stored = source.shape[::-1]
@@ -339,12 +342,15 @@ def _held_fp8(store: SafetensorsDir, source: Source, index, rt: Runtime) -> np.n
     if store.shape(weight_name) != stored:
       raise ValueError(f'checkpoint tensor {weight_name!r} has shape {store.shape(weight_name)}, expected {stored}')
     if source.fp8 == 'scales':
-      return read_scale(store, name, stored).T
-    codes = np.zeros(tuple(-(-d // FP8_BLOCK) * FP8_BLOCK for d in source.shape), store.read(weight_name).dtype)
-    codes[:source.shape[0], :source.shape[1]] = store.read(weight_name).T
-    return codes
+      return read_scale(store, name, stored).T[inner]
+    codes = store.read(weight_name)  # [out, in]: ours transposed, zero past the stored rows and columns
+    block = np.zeros(tuple(i.stop - i.start for i in inner), codes.dtype)  # normalized, step-1 slices
+    rows, cols = (slice(i.start, min(i.stop, d)) for i, d in zip(inner, source.shape))
+    if rows.stop > rows.start and cols.stop > cols.start:
+      block[:rows.stop - rows.start, :cols.stop - cols.start] = codes[cols, rows].T
+    return block
   codes, scales = weight_quant(read_tensor(store, weight_name, stored).T, rt.fp8_scale_fmt)
-  return np.asarray(scales if source.fp8 == 'scales' else codes)
+  return np.asarray(scales if source.fp8 == 'scales' else codes)[inner]
 
 
 def read_tensor(store: SafetensorsDir, name: str, shape: tuple[int, ...]) -> np.ndarray:

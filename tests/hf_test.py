@@ -347,6 +347,25 @@ class ShardedLoadTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.asarray(ours), want, err_msg=name)
     self.assertEqual(spread.moe_layers.ffn.experts.w2[...].sharding.spec[1], 'expert')
 
+  def test_fp8_held_weights_onto_a_mesh_equal_the_one_device_load(self):
+    from deepseek_jax import sharding
+    rt = Runtime(fp8_weights=True)
+    _, one = load_hf(self.fp8, rt)
+    mesh = sharding.make_mesh(data=2, expert=4)
+    report = {}
+    _, spread = load_hf(self.fp8, rt, mesh=mesh, report=report)
+    self.assertEqual(report['bytes_read'], report['total_bytes'])  # each block of the codes read once
+    self.assertEqual(spread.moe_layers.ffn.experts.w1.dtype, jnp.float8_e4m3fn)
+    # Codes and scales bit for bit, the device slices cutting across 128-blocks and the padding.
+    bits = lambda variable: np.asarray(variable[...]).view(np.uint8)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(one)), nnx.to_flat_state(nnx.state(spread))):
+      np.testing.assert_array_equal(bits(a), bits(b), err_msg=str(path))
+    self.assertGreater(len(spread.moe_layers.ffn.experts.w1[...].sharding.device_set), 1)
+    # Decoding with FP8-held weights on the mesh (the README's --fp8_weights --mesh.expert example).
+    from deepseek_jax.generate import generate
+    prompts = [[5, 17, 200, 3], [42, 8], [7]]
+    self.assertEqual(generate(spread, prompts, 6, mesh=mesh).tokens, generate(one, prompts, 6).tokens)
+
   def test_host_memory_is_one_tensor_slice_not_a_stack(self):
     import tracemalloc
     from deepseek_jax import sharding
