@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 from absl.testing import absltest
 
 from deepseek_jax import data
@@ -112,6 +113,7 @@ class HFDecodeLauncherTest(absltest.TestCase):
     self.assertEqual(split(on_mesh), split(plain))
     self.assertTrue(split(plain).startswith('def '))
 
+  @pytest.mark.slow  # ~35 s; the default suite runs the one-process mesh command and 2-process training and loading
   def test_two_processes_decode_the_one_process_batch(self):
     prompts = os.path.join(self.path, 'prompts.txt')
     with open(prompts, 'w') as f:
