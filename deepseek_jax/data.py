@@ -143,8 +143,9 @@ def prepare(c: Mapping[str, Any], directory: str) -> Corpus:
   train_docs = [text for name, text in docs if name not in val_names]
   if not train_docs:
     raise ValueError('data: every document fell into the validation split; lower data.val_fraction')
-  if c.get('tokenizer_path'):  # a given tokenizer (a fine-tuned model's own), documents ended by its EOS
-    tokenizer, eos = _given_tokenizer(c['tokenizer_path'])
+  given = c.get('tokenizer_path')
+  if given:  # a given tokenizer (a fine-tuned model's own), documents ended by its EOS
+    tokenizer, eos = _given_tokenizer(given)
   else:
     tokenizer = train_tokenizer(train_docs, c['vocab_size'])
     eos = tokenizer.token_to_id(EOS)
@@ -153,11 +154,11 @@ def prepare(c: Mapping[str, Any], directory: str) -> Corpus:
     ids = np.concatenate([np.append(e.ids, eos) for e in tokenizer.encode_batch(texts)]).astype(dtype)
     _atomic_write(paths[f'{split}.bin'], lambda f, ids=ids: ids.tofile(f))
   _atomic_write(paths['tokenizer.json'], lambda f: f.write(tokenizer.to_str().encode()))
-  beside = os.path.join(os.path.dirname(c.get('tokenizer_path') or ''), 'tokenizer_config.json')
-  if c.get('tokenizer_path') and os.path.isfile(beside):  # its chat template and special tokens, for decoding
-    with open(beside, 'rb') as f:
-      settings = f.read()
-    _atomic_write(os.path.join(directory, 'tokenizer_config.json'), lambda f: f.write(settings))
+  settings = os.path.join(os.path.dirname(given), 'tokenizer_config.json') if given else ''
+  if os.path.isfile(settings):  # the given tokenizer's chat template and special tokens, for decoding
+    with open(settings, 'rb') as f:
+      content = f.read()
+    _atomic_write(os.path.join(directory, 'tokenizer_config.json'), lambda f: f.write(content))
   _atomic_write(meta_path, lambda f: f.write(json.dumps(
       {'fingerprint': fingerprint_, 'dtype': dtype.name, 'documents': len(docs),
        'val_documents': sorted(val_names)}).encode()))

@@ -56,7 +56,6 @@ def export(workdir: str, out: str, dtype: str = 'bfloat16', max_shard_bytes: int
   device); returns the checkpoint step exported."""
   if os.path.exists(out):
     raise FileExistsError(f'--out={out} exists; give a new directory (an export never overwrites one)')
-  run_dir.model_config(workdir)  # before any weight is read: a clear error for a non-run directory
   cfg, model, step = restore_model(workdir, Runtime(param_dtype=dtype, dtype=dtype), mesh)
   partial = f'{out.rstrip(os.sep)}.partial-{os.getpid()}'
   shutil.rmtree(partial, ignore_errors=True)

@@ -20,7 +20,7 @@ from deepseek_jax.optimizer import adamw
 from deepseek_jax.sampling import SamplingParams, accept_draft, filtered_logits, greedy_rollout, sample
 from deepseek_jax.train_step import Hyper, init_train_state, train_step
 from deepseek_jax.trainer import restore_model
-from tests.helpers import random_model, require
+from tests.helpers import random_hf_model, random_model, require
 
 TINY = PRESETS['tiny']
 PROMPTS = [[5, 9, 33, 7, 120], [100, 2], [7, 7, 7, 7, 7, 8, 250]]
@@ -41,13 +41,19 @@ def trained_tiny(steps=60):
   return nnx.merge(graphdef, state.params, state.bias)
 
 
+@functools.cache
+def random_tiny():
+  """A random tiny model and its one-device greedy decoding of PROMPTS (10 new tokens)."""
+  model = random_model(TINY, seed=3)
+  return model, generate(model, PROMPTS, 10)
+
+
 class GenerateTest(parameterized.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model = random_model(TINY, seed=3)
-    cls.greedy = generate(cls.model, PROMPTS, 10)
+    cls.model, cls.greedy = random_tiny()
 
   def test_greedy_equals_full_forward_rollout(self):
     for prompt, tokens in zip(PROMPTS, self.greedy.tokens):
@@ -121,8 +127,7 @@ class MeshTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model = random_model(TINY, seed=3)
-    cls.greedy = generate(cls.model, PROMPTS, 10)
+    cls.model, cls.greedy = random_tiny()
     cls.trained, cls.trained_prompts = trained_tiny(), [[3, 4, 5, 6], [9, 10, 11, 12, 13, 3, 4]]
     cls.trained_plain = generate(cls.trained, cls.trained_prompts, 16)
 
@@ -191,21 +196,8 @@ class TransformersGenerateTest(absltest.TestCase):
 
   def test_greedy_tokens_equal_transformers_generate(self):
     torch = require('torch')
-    transformers = require('transformers')
     from deepseek_jax.hf import load_hf
-    torch.manual_seed(0)
-    config = transformers.DeepseekV3Config(
-        vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-        num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=24,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=128,
-        num_nextn_predict_layers=0, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    hf = transformers.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():
-      for name, p in hf.named_parameters():
-        p.copy_(1 + 0.2 * torch.randn_like(p) if 'norm' in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
-      for layer in hf.model.layers[1:]:
-        layer.mlp.gate.e_score_correction_bias.copy_(0.1 * torch.randn(8))
+    hf = random_hf_model()
     path = os.path.join(self.create_tempdir().full_path, 'ckpt')
     hf.save_pretrained(path)
     _, model = load_hf(path)

@@ -50,6 +50,27 @@ def mtp_forward(model, tokens_BT):
   return model.mtp_forward(next_tokens(tokens_BT), model.forward(tokens_BT).hidden_BTD)
 
 
+def random_hf_model(vocab_size: int = 300):
+  """A random transformers DeepseekV3ForCausalLM (eval mode): 3 layers (1 dense), 8 experts top-2 in 4 groups
+  (top-2 groups), a shared expert, q_lora, router biases N(0, 0.1^2), no MTP and no special tokens; weights
+  N(0, 1/fan_in), norm scales 1 + N(0, 0.2^2), drawn after torch.manual_seed(0)."""
+  torch, transformers = require('torch'), require('transformers')
+  config = transformers.DeepseekV3Config(
+      vocab_size=vocab_size, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+      first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+      num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=24,
+      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=128,
+      num_nextn_predict_layers=0, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+  torch.manual_seed(0)
+  model = transformers.DeepseekV3ForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(1 + 0.2 * torch.randn_like(p) if 'norm' in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    for layer in model.model.layers[1:]:
+      layer.mlp.gate.e_score_correction_bias.copy_(0.1 * torch.randn(8))
+  return model
+
+
 def require(module: str):
   """Imports an optional test dependency (the `test` extra). When it is missing the test run fails if
   DEEPSEEK_JAX_REQUIRE_EXTRAS=1 (.ci/run sets it: the parity tests against transformers are the project's

@@ -21,7 +21,7 @@ from deepseek_jax.hf import load_hf
 from deepseek_jax.loss import cross_entropy
 from deepseek_jax.tokenizer import hf_codec, run_codec
 from deepseek_jax.trainer import restore_model, train
-from tests.helpers import require
+from tests.helpers import random_hf_model, require
 from tests.tokenizer_test import hf_directory
 
 torch = require('torch')
@@ -31,21 +31,8 @@ BATCH, SEQ = 8, 32
 
 
 def hf_model_dir(path):
-  """A random transformers DeepseekV3 (8 experts in 4 groups, router biases, q_lora) with a BPE tokenizer."""
-  vocab = hf_directory(path).get_vocab_size()
-  config = transformers.DeepseekV3Config(
-      vocab_size=vocab, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-      first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-      num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=24,
-      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=128,
-      num_nextn_predict_layers=0, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-  torch.manual_seed(0)
-  model = transformers.DeepseekV3ForCausalLM(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(1 + 0.2 * torch.randn_like(p) if 'norm' in name else torch.randn_like(p) / p.shape[-1] ** 0.5)
-    for layer in model.model.layers[1:]:
-      layer.mlp.gate.e_score_correction_bias.copy_(0.1 * torch.randn(8))
+  """A random transformers DeepseekV3 (tests.helpers.random_hf_model) saved with a BPE tokenizer."""
+  model = random_hf_model(hf_directory(path).get_vocab_size())
   model.save_pretrained(path)
   return model
 
