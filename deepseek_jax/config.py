@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from deepseek_jax import quant4
 from deepseek_jax.expert_parallel import DISPATCHES
 from deepseek_jax.grouped_matmul import IMPLS as GMM_IMPLS
 from pallas_kernels.common import IMPLS as FP8_IMPLS, SCALE_FORMATS
@@ -129,6 +130,10 @@ class Runtime:
   fp8_impl: str = 'auto'  # FP8 kernels, see pallas_kernels.common.resolve_impl
   fp8_scale_fmt: str = 'f32'  # FP8 scales: 'f32' (V3) or 'ue8m0' (powers of two, V3.1)
   fp8_weights: bool = False  # hold projection / expert weights as FP8 codes + block scales (inference only)
+  # 'int4' | 'mxfp4': hold the routed experts as packed 4-bit codes + group scales (quant4.py; inference
+  # only), whatever fp8_weights says for the other projections.
+  weights4: str = 'none'
+  weights4_group: int = 0  # input rows per scale: 0 the format's default (int4 128, mxfp4 32)
   gmm_impl: str = 'auto'  # routed-expert grouped matmul, see grouped_matmul.resolve
   ep_dispatch: str = 'auto'  # expert-parallel dispatch, see expert_parallel.resolve
   remat: bool = False  # recompute each block in the backward pass instead of storing its activations
@@ -145,6 +150,10 @@ class Runtime:
     need(self.quant in ('none', 'fp8'), 'quant', "must be 'none' or 'fp8'")
     need(self.fp8_impl in FP8_IMPLS, 'fp8_impl', f'must be one of {FP8_IMPLS}')
     need(self.fp8_scale_fmt in SCALE_FORMATS, 'fp8_scale_fmt', f'must be one of {SCALE_FORMATS}')
+    need(self.weights4 in ('none',) + quant4.FORMATS, 'weights4', f"must be 'none' or one of {quant4.FORMATS}")
+    if self.weights4 != 'none' and self.weights4_group:
+      groups = quant4.INT4_GROUPS if self.weights4 == 'int4' else (quant4.MX_GROUP,)
+      need(self.weights4_group in groups, 'weights4_group', f'{self.weights4} groups are one of {groups} (0: default)')
     need(self.gmm_impl in GMM_IMPLS, 'gmm_impl', f'must be one of {GMM_IMPLS}')
     need(self.ep_dispatch in DISPATCHES, 'ep_dispatch', f'must be one of {DISPATCHES}')
     need(self.kv_block > 0, 'kv_block', 'must be positive')

@@ -1,20 +1,30 @@
 """Dropless expert dispatch: routed token copies grouped by expert, one grouped matmul per expert weight.
 
 `plan(experts_XK, E, impl)` is computed once per MoE layer; then `gather` lays the tokens out by expert,
-`matmul` multiplies each group by its expert's weight [E, A, O], and `combine` sums every token's K expert
-outputs with its gate weights. Work grows with the routed copies M = X * K, not with E:
+`read` takes from an expert stack [E, ...] the weights the layout multiplies (weights held quantized are read
+in their stored form and dequantized after), `matmul` multiplies each group by its expert's weight, and
+`combine` sums every token's K expert outputs with its gate weights. Training work grows with the routed
+copies M = X * K, not with E:
 - 'ragged_dot' (TPU): copies sorted by expert, `jax.lax.ragged_dot` (a native grouped GEMM there). XLA:CPU
   expands ragged_dot into a dense masked product over every group (cost x E), so it is not used on CPU.
 - 'tiled' (CPU, GPU): each expert's copies padded to a multiple of a row tile; every tile multiplies by its
   expert's weight in one batched matmul. A custom VJP recomputes the per-tile weight gather in the backward
   pass instead of storing it, and sums the weight gradient per expert. Work is (M + E * tile) * A * O with
   tiles of 128-256 rows (XLA:CPU runs smaller batched matmuls far below its dense speed).
-- 'gather' (decoding): with a handful of copies, each multiplies by its own expert's gathered weight: work
-  M * A * O, no padding, weight reads M * A * O.
-'auto' takes gather for M <= 4 E, else ragged_dot on TPU and tiled elsewhere.
+Decoding, where a step is bound by the bytes of expert weights it reads (each expert's once at best):
+- 'dense': the C = min(E, M) candidate experts (the distinct experts the copies chose, padded to a static C
+  with an unused id; all E when M >= E, with no gather) are read once each, and every token multiplies by
+  every candidate, its gate weight zero where it did not choose it: weight reads C * A * O (the minimum,
+  the distinct experts touched, when they fill C), work X * C * A * O.
+- 'gather': each copy multiplies by its own expert's gathered weight: work M * A * O, but the gather writes
+  and reads M weight copies (a copy per row even when rows share an expert).
+'auto' (measured on the demo shapes, 16 experts top-4, docs/benchmarks.md "Decoding"): gather while M < E
+(the copies are nearly all distinct experts: gather reads about the minimum and needs no sort), dense once
+M >= E up to DENSE_ROWS tokens (every expert is likely touched: each read once, no copy), else ragged_dot on
+TPU and tiled elsewhere. At M = E the two tie on CPU; at 8 tokens dense is 1.4x faster, at 32 3x.
 
 Letters beyond model.py's key: A / O the input / output features of an expert weight, Y row tiles, Z the rows
-of one tile.
+of one tile, C the candidate experts of the dense layout.
 """
 
 from __future__ import annotations
@@ -26,16 +36,20 @@ import jax.numpy as jnp
 
 from pallas_kernels.fp8_linear import fp8_grouped_linear
 
-IMPLS = ('auto', 'ragged_dot', 'tiled', 'gather')
+IMPLS = ('auto', 'ragged_dot', 'tiled', 'dense', 'gather')
+DENSE_ROWS = 32  # 'auto' multiplies every token by every expert up to this many tokens (measured up to 32)
 
 
-def resolve(impl: str, m: int, n_experts: int) -> str:
-  """'auto': 'gather' for a handful of routed copies (decoding), else ragged_dot on TPU and tiled elsewhere."""
+def resolve(impl: str, x: int, k: int, n_experts: int) -> str:
+  """'auto' for x tokens with k experts each: gather or dense at decode sizes, else ragged_dot on TPU and
+  tiled elsewhere."""
   if impl not in IMPLS:
     raise ValueError(f'gmm impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
-    if m <= 4 * n_experts:
+    if x * k < n_experts:
       return 'gather'
+    if x <= DENSE_ROWS:
+      return 'dense'
     return 'ragged_dot' if jax.default_backend() == 'tpu' else 'tiled'
   return impl
 
@@ -48,13 +62,15 @@ def tile_rows(m: int, g: int) -> int:
 
 
 class Dispatch(NamedTuple):
-  """Where each routed copy goes. ragged_dot: slot_M = rank in expert-sorted order; tiled: padded slot."""
+  """Where each routed copy goes. ragged_dot: slot_M = rank in expert-sorted order; tiled: padded slot;
+  dense: the copy's candidate."""
   impl: str
   n_tokens: int
-  source_U: jax.Array  # token feeding each dispatched row (n_tokens: a padding row of zeros)
+  source_U: jax.Array | None  # token feeding each dispatched row (n_tokens: a padding row of zeros)
   slot_M: jax.Array  # row of the dispatched layout holding copy m = x * K + k
   group_sizes_E: jax.Array  # copies per expert
   tile_expert: jax.Array | None  # tiled: the expert of each tile; gather: the expert of each row
+  candidates_C: jax.Array | None = None  # dense: the experts read (None: all of them, in order)
 
 
 def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
@@ -62,8 +78,10 @@ def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
   `combine` must be given a zero gate weight for them."""
   x, k = experts_XK.shape
   m = x * k
-  impl = resolve(impl, m, n_experts)
+  impl = resolve(impl, x, k, n_experts)
   flat_M = experts_XK.reshape(-1)
+  if impl == 'dense':
+    return _dense_plan(flat_M, x, n_experts)
   if impl == 'gather':  # copies stay in token order; each row fetches its own expert's weight
     rank_M = jnp.arange(m, dtype=jnp.int32)
     return Dispatch(impl, x, rank_M // k, rank_M, jnp.zeros((n_experts,), jnp.int32), flat_M.astype(jnp.int32))
@@ -90,28 +108,62 @@ def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
   return Dispatch(impl, x, source_U, slot_M, group_sizes_E, tile_expert)
 
 
+def _dense_plan(flat_M, x: int, n_experts: int) -> Dispatch:
+  """Candidates: every expert when the copies could touch them all, else the distinct ones chosen (sorted,
+  padded with n_experts: a slot no copy maps to, whose weight read is the last expert's)."""
+  m = flat_M.shape[0]
+  valid_M = flat_M < n_experts  # ids >= n_experts: copies computed on another device
+  sizes_E = jnp.zeros((n_experts,), jnp.int32)
+  if m >= n_experts:
+    return Dispatch('dense', x, None, jnp.where(valid_M, flat_M, n_experts).astype(jnp.int32), sizes_E, None)
+  candidates_C = jnp.unique(jnp.minimum(flat_M, n_experts), size=m, fill_value=n_experts)
+  slot_M = jnp.where(valid_M, jnp.searchsorted(candidates_C, flat_M), m)
+  return Dispatch('dense', x, None, slot_M.astype(jnp.int32), sizes_E, None, candidates_C.astype(jnp.int32))
+
+
 def gather(d: Dispatch, x_XD):
-  """Token rows in the dispatched layout [U, D] (padding rows are zero)."""
+  """Token rows in the dispatched layout [U, D] (padding rows are zero); dense: every token per candidate
+  [C, X, D]."""
+  if d.impl == 'dense':
+    c = d.candidates_C.shape[0] if d.candidates_C is not None else d.group_sizes_E.shape[0]
+    return jnp.broadcast_to(x_XD, (c,) + x_XD.shape)
   padded_XD = jnp.concatenate([x_XD, jnp.zeros((1, x_XD.shape[1]), x_XD.dtype)])
   return padded_XD[d.source_U]
 
 
-def matmul(d: Dispatch, rows_UA, w_EAO, recipe=None):
-  """rows of expert e times w[e]; with an FP8 recipe (tiled layout only) through the FP8 grouped GEMMs."""
+def read(d: Dispatch, stack_E):
+  """The part of an expert stack [E, ...] (a weight, or held codes or scales) that the layout multiplies:
+  gather: one entry per row [M, ...]; dense: the candidates [C, ...]; otherwise the whole stack."""
+  if d.impl == 'gather':
+    return stack_E[d.tile_expert]
+  if d.impl == 'dense' and d.candidates_C is not None:
+    return stack_E[jnp.minimum(d.candidates_C, stack_E.shape[0] - 1)]
+  return stack_E
+
+
+def matmul(d: Dispatch, rows_UA, w_read, recipe=None):
+  """rows of expert e times w[e], given the weights `read(d, w_EAO)`; with an FP8 recipe (tiled layout only)
+  through the FP8 grouped GEMMs."""
   if recipe is not None:
     if d.impl != 'tiled':
       raise ValueError('the FP8 expert GEMMs need the tiled dispatch layout')
-    return fp8_grouped_linear(rows_UA, w_EAO, d.tile_expert, recipe)
+    return fp8_grouped_linear(rows_UA, w_read, d.tile_expert, recipe)
   if d.impl == 'ragged_dot':
-    return jax.lax.ragged_dot(rows_UA, w_EAO, d.group_sizes_E)
+    return jax.lax.ragged_dot(rows_UA, w_read, d.group_sizes_E)
   if d.impl == 'gather':
-    return jnp.einsum('ma,mao->mo', rows_UA, w_EAO[d.tile_expert])
-  return tiled_matmul(rows_UA, w_EAO, d.tile_expert)
+    return jnp.einsum('ma,mao->mo', rows_UA, w_read)
+  if d.impl == 'dense':  # one batched GEMM over the candidates: no weight is copied or transposed
+    return jnp.einsum('cxa,cao->cxo', rows_UA, w_read)
+  return tiled_matmul(rows_UA, w_read, d.tile_expert)
 
 
 def combine(d: Dispatch, rows_UD, weights_XK):
   """sum_k weights[x, k] * output row of copy (x, k)."""
   x, k = weights_XK.shape
+  if d.impl == 'dense':  # each token's gate weight per candidate: zero where it did not choose it
+    gates_XC = jnp.zeros((x, rows_UD.shape[0]), rows_UD.dtype).at[jnp.arange(x * k) // k, d.slot_M].add(
+        weights_XK.reshape(-1).astype(rows_UD.dtype), mode='drop')
+    return jnp.einsum('cxd,xc->xd', rows_UD, gates_XC)
   outputs_XKD = rows_UD.at[d.slot_M].get(mode='fill', fill_value=0).reshape(x, k, -1)  # copies sent elsewhere: 0
   return jnp.einsum('xkd,xk->xd', outputs_XKD, weights_XK.astype(rows_UD.dtype))
 

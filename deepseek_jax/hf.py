@@ -25,12 +25,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from deepseek_jax import sharding
+from deepseek_jax import quant4, sharding
 from deepseek_jax.config import ModelConfig, Runtime
 from deepseek_jax.hf_config import from_hf, to_hf
 from deepseek_jax.model import DeepSeekV3
 from deepseek_jax.safetensors_io import SafetensorsDir, write_dir, write_json
-from pallas_kernels.common import FP8
 from pallas_kernels.weight_quant import weight_quant
 
 FP8_BLOCK = 128
@@ -79,8 +78,9 @@ class Source(NamedTuple):
   """Where one of our Variables comes from: a checkpoint name per stacked (layer, expert) index."""
   names: np.ndarray  # object array of names, shape = the Variable's leading stack axes (() if none)
   transpose: bool  # checkpoint [out, in] vs our [in, out]
-  fp8: str | None  # weights held in FP8: 'codes' (the weight) or 'scales' (its weight_scale_inv)
+  held: str | None  # weights held quantized: 'codes' or 'scales' (FP8: the weight_scale_inv)
   shape: tuple[int, ...]  # per-name logical shape, ours ([in, out]); FP8 codes are padded beyond it
+  fmt: str = 'fp8'  # the held format: 'fp8' (names the checkpoint's) or a quant4 format (quantized on load)
 
 
 def checkpoint_layout(model: DeepSeekV3) -> dict[tuple, Source]:
@@ -88,16 +88,19 @@ def checkpoint_layout(model: DeepSeekV3) -> dict[tuple, Source]:
   cfg = model.cfg
   # Logical (unpadded) shapes come from the same model with its weights in high precision.
   plain = dict(nnx.to_flat_state(nnx.state(nnx.eval_shape(
-      lambda: DeepSeekV3(cfg, model.rt.replace(fp8_weights=False), nnx.Rngs(0))))))
+      lambda: DeepSeekV3(cfg, model.rt.replace(fp8_weights=False, weights4='none'), nnx.Rngs(0))))))
   layout = {}
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     held_scale = path[-1].endswith('_scale')
     base = path[:-1] + (path[-1][:-len('_scale')],) if held_scale else path
     source = _source(base, plain[base].shape, cfg)
-    fp8 = 'scales' if held_scale else ('codes' if variable.dtype == FP8 else None)
+    fmt = model.rt.weights4 if model.rt.weights4 != 'none' and base[-2] == 'experts' else 'fp8'
+    held = 'scales' if held_scale else ('codes' if variable.dtype != plain[base].dtype else None)
     stack = source.names.ndim
-    names = np.vectorize(lambda n: n + '_scale_inv', otypes=[object])(source.names) if held_scale else source.names
-    layout[path] = Source(names, source.transpose, fp8, tuple(plain[base].shape[stack:]))
+    names = source.names
+    if held_scale and fmt == 'fp8':
+      names = np.vectorize(lambda n: n + '_scale_inv', otypes=[object])(source.names)
+    layout[path] = Source(names, source.transpose, held, tuple(plain[base].shape[stack:]), fmt)
   return layout
 
 
@@ -139,7 +142,8 @@ def load_hf(path: str, rt: Runtime = Runtime(), mesh=None, allow_replicated: boo
   in a multi-process run each process reads only what its own devices hold. FP8 weights are dequantized
   per slice with the scales of the blocks it covers. With rt.fp8_weights the projections and experts keep
   FP8 codes and block scales (stored codes read per slice too; weights quantized on load, a whole tensor at
-  a time).
+  a time); with rt.weights4 the routed experts are quantized on load to packed 4-bit codes and group scales,
+  one expert's tensor at a time.
   Every tensor's name, shape and dtype is checked before anything is allocated: a ValueError names the
   first missing, unknown, mis-shaped or wrongly typed one. `report`, if given, receives bytes_read (this
   process's distinct blocks, as loaded), total_bytes (the whole model) and seconds.
@@ -284,7 +288,9 @@ def _check_unknown(store: SafetensorsDir, layout: dict[tuple, Source], cfg: Mode
 def _read_entry(store: SafetensorsDir, source: Source, entry, inner, dtype, rt: Runtime) -> np.ndarray:
   """The `inner` block (a slice per non-stacked dimension) of the stacked entry `entry` (layer, expert)."""
   name = source.names[entry]
-  if source.fp8:  # held FP8: the block of the (padded) codes or scales
+  if source.held and source.fmt != 'fp8':  # held 4-bit: quantized now
+    piece = _held_quant4(store, source, entry, rt, inner)
+  elif source.held:  # held FP8: the block of the (padded) codes or scales
     piece = _held_fp8(store, source, entry, rt, inner)
   elif source.transpose:  # ours [in, out] is the checkpoint's [out, in]
     piece = _dequantized(store, name, inner[::-1]).T
@@ -307,8 +313,8 @@ def _check_source(store: SafetensorsDir, source: Source) -> None:
   """Every tensor behind one Variable: present, of its shape and a loadable dtype (FP8 with its scales)."""
   stored = source.shape[::-1] if source.transpose else source.shape
   for name in source.names.flat:
-    if source.fp8:
-      weight_name = name[:-len('_scale_inv')] if source.fp8 == 'scales' else name
+    if source.held and source.fmt == 'fp8':
+      weight_name = name[:-len('_scale_inv')] if source.held == 'scales' else name
       _check_tensor(store, weight_name, stored)
     else:
       _check_tensor(store, name, stored)
@@ -336,12 +342,12 @@ def _held_fp8(store: SafetensorsDir, source: Source, index, rt: Runtime, inner) 
   whole 128-blocks), as stored (only the block's rows and columns of the codes are read) or quantized now
   (from the whole tensor: a block of the quantization may span device slices)."""
   name = source.names[index]
-  weight_name = name[:-len('_scale_inv')] if source.fp8 == 'scales' else name
+  weight_name = name[:-len('_scale_inv')] if source.held == 'scales' else name
   stored = source.shape[::-1]
   if weight_name in store and store.dtype_code(weight_name) == 'F8_E4M3':
     if store.shape(weight_name) != stored:
       raise ValueError(f'checkpoint tensor {weight_name!r} has shape {store.shape(weight_name)}, expected {stored}')
-    if source.fp8 == 'scales':
+    if source.held == 'scales':
       return read_scale(store, name, stored).T[inner]
     codes = store.read(weight_name)  # [out, in]: ours transposed, zero past the stored rows and columns
     block = np.zeros(tuple(i.stop - i.start for i in inner), codes.dtype)  # normalized, step-1 slices
@@ -350,7 +356,16 @@ def _held_fp8(store: SafetensorsDir, source: Source, index, rt: Runtime, inner) 
       block[:rows.stop - rows.start, :cols.stop - cols.start] = codes[cols, rows].T
     return block
   codes, scales = weight_quant(read_tensor(store, weight_name, stored).T, rt.fp8_scale_fmt)
-  return np.asarray(scales if source.fp8 == 'scales' else codes)[inner]
+  return np.asarray(scales if source.held == 'scales' else codes)[inner]
+
+
+def _held_quant4(store: SafetensorsDir, source: Source, index, rt: Runtime, inner) -> np.ndarray:
+  """The `inner` block of one expert weight's packed 4-bit codes [in / 2, out] or group scales [in / group,
+  out], quantized from the whole tensor (read once for the codes and once for the scales; FP8 dequantized
+  first)."""
+  weight = read_tensor(store, source.names[index], source.shape[::-1]).T
+  packed = quant4.quantize(weight, source.fmt, rt.weights4_group or None)
+  return np.asarray(packed.scales if source.held == 'scales' else packed.codes)[inner]
 
 
 def read_tensor(store: SafetensorsDir, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -383,6 +398,9 @@ def save_hf(cfg: ModelConfig, model: DeepSeekV3, path: str, max_shard_bytes: int
   """Writes config.json and safetensors shards in the official layout; `load_hf(path)` reproduces model."""
   if model.cfg != cfg:
     raise ValueError('save_hf: cfg differs from the config the model was built with')
+  if model.rt.weights4 != 'none':
+    raise ValueError(f'save_hf: experts held in {model.rt.weights4} have no official checkpoint format; save '
+                     'the bf16 / FP8 model they were quantized from')
   write_dir(path, _tensors(model), max_shard_bytes)
   hf_config = to_hf(cfg, model.rt.param_dtype)
   if model.rt.fp8_weights:
@@ -397,7 +415,7 @@ def _tensors(model: DeepSeekV3) -> Iterator[tuple]:
     variable = state[path]
     for index in np.ndindex(*source.names.shape):
       # Held FP8 codes are written at their logical shape; block scales keep theirs.
-      shape = tuple(variable.shape[len(source.names.shape):]) if source.fp8 == 'scales' else source.shape
+      shape = tuple(variable.shape[len(source.names.shape):]) if source.held == 'scales' else source.shape
       yield (source.names[index], shape[::-1] if source.transpose else shape, variable.dtype,
              lambda v=variable, i=index, t=source.transpose, s=shape: _host(v, i, t, s))
   cfg = model.cfg

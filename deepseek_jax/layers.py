@@ -15,13 +15,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax import quant4
 from deepseek_jax.config import ModelConfig, Runtime
 from pallas_kernels.fp8_linear import Recipe, fp8_linear, fp8_linear_frozen
 from pallas_kernels.weight_quant import dequantize, weight_quant
 
 
-class FP8Weight(nnx.Variable):
-  """FP8 codes of a weight, or the fp32 scales of their 128x128 blocks: inference storage, not a Param."""
+class HeldWeight(nnx.Variable):
+  """Inference storage of a quantized weight, not a Param: FP8 codes or the fp32 scales of their 128x128
+  blocks; packed 4-bit codes or their group scales (quant4.py)."""
 
 
 def normal_param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, rt: Runtime) -> nnx.Param:
@@ -30,14 +32,22 @@ def normal_param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, rt: Runtime) -> 
   return nnx.Param(value.astype(rt.jnp_param_dtype), logical_axes=tuple(axes))
 
 
-def fp8_weight(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, rt: Runtime) -> tuple[FP8Weight, FP8Weight]:
+def fp8_weight(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, rt: Runtime) -> tuple[HeldWeight, HeldWeight]:
   """(codes [..., in', out'], scales [..., in'/128, out'/128]) of a normal_param draw, quantized per block."""
   value = cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
   quantize = lambda w: weight_quant(w, rt.fp8_scale_fmt)
   for _ in shape[:-2]:
     quantize = jax.vmap(quantize)
   codes, scales = quantize(value)
-  return FP8Weight(codes, logical_axes=tuple(axes)), FP8Weight(scales, logical_axes=tuple(axes))
+  return HeldWeight(codes, logical_axes=tuple(axes)), HeldWeight(scales, logical_axes=tuple(axes))
+
+
+def quant4_weight(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, rt: Runtime) -> tuple[HeldWeight, HeldWeight]:
+  """(packed codes [..., in / 2, out], group scales [..., in / group, out]) of a normal_param draw in
+  rt.weights4's format (quant4.quantize)."""
+  value = cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  packed = quant4.quantize(value, rt.weights4, rt.weights4_group or None)
+  return HeldWeight(packed.codes, logical_axes=tuple(axes)), HeldWeight(packed.scales, logical_axes=tuple(axes))
 
 
 def dequantize_weight(codes, scales, shape, dtype):

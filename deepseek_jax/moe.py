@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax import expert_parallel
+from deepseek_jax import expert_parallel, quant4
 from deepseek_jax import grouped_matmul as gm
 from deepseek_jax.config import ModelConfig, Runtime
-from deepseek_jax.layers import MLP, dequantize_weight, fp8_recipe, fp8_weight, normal_param
+from deepseek_jax.layers import MLP, dequantize_weight, fp8_recipe, fp8_weight, normal_param, quant4_weight
 from deepseek_jax.router import Gate, Routing
 
 
@@ -30,7 +30,8 @@ class MoEStats(NamedTuple):
 
 
 class RoutedExperts(nnx.Module):
-  """E SwiGLU experts stacked as w1, w3 [E, dim, moe_inter_dim] and w2 [E, moe_inter_dim, dim]."""
+  """E SwiGLU experts stacked as w1, w3 [E, dim, moe_inter_dim] and w2 [E, moe_inter_dim, dim]; held
+  quantized for inference (rt.fp8_weights, rt.weights4) as codes w1 ... and scales w1_scale ..."""
 
   def __init__(self, cfg: ModelConfig, rt: Runtime, rngs: nnx.Rngs):
     e, d, i = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
@@ -42,40 +43,54 @@ class RoutedExperts(nnx.Module):
     self.shapes = (('w1', (e, d, i)), ('w2', (e, i, d)), ('w3', (e, d, i)))  # static attributes stay hashable
     axes = {'w1': ('expert', 'embed', 'moe_mlp'), 'w2': ('expert', 'moe_mlp', 'embed'),
             'w3': ('expert', 'embed', 'moe_mlp')}
-    self.held_fp8 = rt.fp8_weights
+    # 4-bit experts take precedence over FP8 (the usual mix: FP8 projections, 4-bit routed experts).
+    self.held = rt.weights4 if rt.weights4 != 'none' else ('fp8' if rt.fp8_weights else None)
     for name, shape in self.shapes:
-      if rt.fp8_weights:
+      if self.held == 'fp8':
         codes, scales = fp8_weight(rngs, shape, axes[name], cfg, rt)
-        setattr(self, name, codes)
-        setattr(self, name + '_scale', scales)
+      elif self.held:
+        codes, scales = quant4_weight(rngs, shape, axes[name], cfg, rt)
       else:
         setattr(self, name, normal_param(rngs, shape, axes[name], cfg, rt))
+        continue
+      setattr(self, name, codes)
+      setattr(self, name + '_scale', scales)
 
-  def weights(self):
-    """(w1, w2, w3) as the matmuls take them: FP8 master weights raw (the FP8 path quantizes them itself),
-    others cast to the compute dtype; weights held in FP8 dequantized."""
+  def stored(self) -> tuple[jax.Array, ...]:
+    """The expert stacks as held, expert dimension first: (w1, w2, w3), or each weight's codes then scales."""
+    names = [n for n, _ in self.shapes]
+    if self.held:
+      names = [x for n in names for x in (n, n + '_scale')]
+    return tuple(getattr(self, n)[...] for n in names)
+
+  def _weights(self, dispatch: gm.Dispatch, stored) -> list[jax.Array]:
+    """(w1, w2, w3) as the matmuls take them, from only the experts the dispatch reads (gm.read): so a decode
+    step reads the held codes of the experts it uses, not a dequantized copy of all E. FP8 master weights
+    stay raw under the FP8 recipe (it quantizes them itself); the rest in the compute dtype."""
+    per = 2 if self.held else 1
     out = []
-    for name, shape in self.shapes:
-      if self.held_fp8:
+    for j, (_, shape) in enumerate(self.shapes):
+      read = [gm.read(dispatch, a) for a in stored[per * j:per * (j + 1)]]
+      if self.held == 'fp8':
         # Re-quantizing a dequantized FP8 weight in the FP8 path gives back the same codes and scales.
-        out.append(dequantize_weight(getattr(self, name)[...], getattr(self, name + '_scale')[...], shape,
-                                     jnp.float32 if self.recipe is not None else self.dtype))
+        out.append(dequantize_weight(*read, shape, jnp.float32 if self.recipe is not None else self.dtype))
+      elif self.held:
+        out.append(quant4.dequantize(quant4.Packed(*read), self.held, self.dtype))
       else:
-        w = getattr(self, name)[...]
-        out.append(w if self.recipe is not None else w.astype(self.dtype))
+        out.append(read[0] if self.recipe is not None else read[0].astype(self.dtype))
     return out
 
   def __call__(self, x_XD, experts_XK, weights_XK):
-    weights = self.weights()
+    stored = self.stored()
     mesh = expert_parallel.expert_mesh(x_XD.shape[0])
     if mesh is not None:  # experts spread over the mesh's 'expert' axis
-      return expert_parallel.routed(self._apply, mesh, x_XD, experts_XK, weights_XK, weights, self.ep_dispatch)
-    return self._apply(x_XD, experts_XK, weights_XK, weights, self.shapes[0][1][0])
+      return expert_parallel.routed(self._apply, mesh, x_XD, experts_XK, weights_XK, stored, self.ep_dispatch)
+    return self._apply(x_XD, experts_XK, weights_XK, stored, self.shapes[0][1][0])
 
-  def _apply(self, x_XD, experts_XK, weights_XK, weights, n_experts: int):
+  def _apply(self, x_XD, experts_XK, weights_XK, stored, n_experts: int):
     dispatch = gm.plan(experts_XK, n_experts, self.gmm_impl)
     rows_UD = gm.gather(dispatch, x_XD.astype(self.dtype))
-    w1, w2, w3 = weights
+    w1, w2, w3 = self._weights(dispatch, stored)
     matmul = functools.partial(gm.matmul, dispatch, recipe=self.recipe)
     h_UI = jax.nn.silu(matmul(rows_UD, w1)) * matmul(rows_UD, w3)
     return gm.combine(dispatch, matmul(h_UI, w2), weights_XK)

@@ -55,9 +55,10 @@ def train(config, workdir: str, overwrite: bool = False) -> TrainResult:
   earlier run in `workdir` aside to a sibling directory."""
   validate(config)
   cfg, rt = model_config(config), runtime(config)
-  if rt.fp8_weights:
-    raise ValueError('runtime.fp8_weights holds weights as FP8 codes for inference; training needs the fp32 '
-                     "master weights (set runtime.quant='fp8' for the FP8 training recipe)")
+  if rt.fp8_weights or rt.weights4 != 'none':
+    held = 'fp8_weights holds weights as FP8' if rt.fp8_weights else f'weights4 holds experts as {rt.weights4}'
+    raise ValueError(f'runtime.{held} codes for inference; training needs the fp32 master weights (set '
+                     "runtime.quant='fp8' for the FP8 training recipe)")
   if config.seq_len > cfg.max_seq_len:
     raise ValueError(f'seq_len={config.seq_len} exceeds the model max_seq_len={cfg.max_seq_len}')
   resolved = schedule(config)

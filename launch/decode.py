@@ -3,6 +3,7 @@ r"""Generate text from a training run or an official-format Hugging Face directo
   python -m launch.decode --workdir=runs/demo --prompt="def " --temperature=0 --speculative=mtp
   python -m launch.decode --hf_dir=/models/DeepSeek-V3 --fp8_weights --mesh.expert=8 \
       --prompt_file=prompts.txt --max_new_tokens=256      # 8 GPUs of one host: experts over 8, rows over 8
+  python -m launch.decode --workdir=runs/demo --prompt="def " --weights4=int4   # 4-bit routed experts
 
 Streams the text of a single prompt as it is generated, then prints tokens/s (and the MTP acceptance rate).
 On a mesh (--mesh.data x --mesh.expert devices; on a CPU-only machine --cpu_devices splits the host) each
@@ -18,7 +19,7 @@ import time
 
 from absl import app, flags, logging
 
-from deepseek_jax import expert_parallel, run_dir, sharding
+from deepseek_jax import expert_parallel, held, run_dir, sharding
 from deepseek_jax.cache import CacheForm
 from deepseek_jax.config import Runtime
 from deepseek_jax.generate import generate, max_new_limit
@@ -43,6 +44,10 @@ _CACHE = flags.DEFINE_enum('cache', CacheForm.ABSORBED.value, [form.value for fo
 _DTYPE = flags.DEFINE_enum('dtype', None, ['bfloat16', 'float32'],
                            'Weights and activations (default: float32 for --workdir, bfloat16 for --hf_dir).')
 _FP8_WEIGHTS = flags.DEFINE_bool('fp8_weights', False, 'Keep an FP8 checkpoint in FP8 (--hf_dir).')
+_WEIGHTS4 = flags.DEFINE_enum('weights4', 'none', ['none', 'int4', 'mxfp4'],
+                              'Hold the routed experts as packed 4-bit codes + group scales (quantized on load).')
+_WEIGHTS4_GROUP = flags.DEFINE_integer('weights4_group', 0, 'Input rows per 4-bit scale: int4 32 / 64 / 128, '
+                                       'mxfp4 32 (0: int4 128, mxfp4 32).')
 _MESH_DATA = flags.DEFINE_integer('mesh.data', 1, 'Devices the batch rows (and FSDP weight shards) split over.')
 _MESH_EXPERT = flags.DEFINE_integer('mesh.expert', 1, 'Devices the routed experts split over (the rows split over '
                                     'data x expert).')
@@ -71,7 +76,8 @@ def _decode():
   if bool(_PROMPT.value is not None) == bool(_PROMPT_FILE.value):
     raise app.UsageError('give exactly one of --prompt and --prompt_file')
   dtype = _DTYPE.value or ('float32' if _WORKDIR.value else 'bfloat16')
-  rt = Runtime(param_dtype=dtype, dtype=dtype, fp8_weights=_FP8_WEIGHTS.value, scan_layers=_SCAN_LAYERS.value)
+  rt = Runtime(param_dtype=dtype, dtype=dtype, fp8_weights=_FP8_WEIGHTS.value, weights4=_WEIGHTS4.value,
+               weights4_group=_WEIGHTS4_GROUP.value, scan_layers=_SCAN_LAYERS.value)
   # The tokenizer and the prompts first: a missing or mismatched tokenizer must not cost a weight load.
   if _WORKDIR.value:
     if _FP8_WEIGHTS.value:
@@ -103,8 +109,10 @@ def _decode():
     print(f'--max_new_tokens defaults to {_MAX_NEW.value}; this model (max_seq_len {cfg.max_seq_len}) has room '
           f'for {room} after the prompt: generating {room}', file=sys.stderr)
   if _WORKDIR.value:
-    _, model, step = restore_model(_WORKDIR.value, rt, mesh, replicated)
+    _, model, step = restore_model(_WORKDIR.value, rt.replace(weights4='none'), mesh, replicated)
     print(f'restored step {step} of {_WORKDIR.value}', file=sys.stderr)
+    if rt.weights4 != 'none':
+      model = held.experts_4bit(model, rt.weights4, rt.weights4_group)
   else:
     _, model = load_hf(_HF_DIR.value, rt, mesh, replicated)
   streamed, marks = [], []  # marks: (time, tokens so far) after each step

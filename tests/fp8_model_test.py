@@ -74,7 +74,7 @@ class Fp8ModelTest(absltest.TestCase):
       train(config, self.create_tempdir().full_path)
     model = nnx.eval_shape(lambda: random_model(CFG, rt=Runtime(fp8_weights=True)))
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    self.assertNotIn(('dense_layers', 'attn', 'wq_a', 'kernel'), params)  # FP8Weight, not Param
+    self.assertNotIn(('dense_layers', 'attn', 'wq_a', 'kernel'), params)  # HeldWeight, not Param
     self.assertIn(('head', 'kernel'), params)  # the head is never held in FP8
 
   def test_configs(self):

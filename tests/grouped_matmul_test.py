@@ -11,7 +11,7 @@ from deepseek_jax import grouped_matmul as gm
 
 def routed_ffn(x_XD, experts_XK, weights_XK, w_EDO, impl):
   d = gm.plan(experts_XK, w_EDO.shape[0], impl)
-  return gm.combine(d, gm.matmul(d, gm.gather(d, x_XD), w_EDO), weights_XK)
+  return gm.combine(d, gm.matmul(d, gm.gather(d, x_XD), gm.read(d, w_EDO)), weights_XK)
 
 
 def reference_ffn(x_XD, experts_XK, weights_XK, w_EDO):
@@ -32,13 +32,13 @@ def problem(key, x=40, k=3, d=24, o=16, e=6):
 class DispatchTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters('tiled', 'ragged_dot', 'gather')
+  @parameterized.parameters('tiled', 'ragged_dot', 'gather', 'dense')
   def test_matches_reference(self, impl):
     x, experts, weights, w = problem(jax.random.key(0))
     got = self.variant(lambda *a: routed_ffn(*a, impl))(x, experts, weights, w)
     np.testing.assert_allclose(got, reference_ffn(x, experts, weights, w), rtol=1e-5, atol=1e-3)
 
-  @parameterized.parameters('tiled', 'ragged_dot', 'gather')
+  @parameterized.parameters('tiled', 'ragged_dot', 'gather', 'dense')
   def test_gradients(self, impl):
     x, experts, weights, w = problem(jax.random.key(1))
     cot = jax.random.normal(jax.random.key(2), (x.shape[0], w.shape[-1]))
@@ -48,7 +48,7 @@ class DispatchTest(parameterized.TestCase):
     for g, r in zip(got, want):
       np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-3)
 
-  @parameterized.parameters('tiled', 'ragged_dot', 'gather')
+  @parameterized.parameters('tiled', 'ragged_dot', 'gather', 'dense')
   def test_copies_for_other_devices_are_left_out(self, impl):
     # Expert parallelism: this device holds experts 0-2 of 6; ids 3-5 arrive as 3 ("elsewhere") with a zero
     # gate weight and must contribute nothing, in value or gradient.
@@ -70,9 +70,41 @@ class DispatchTest(parameterized.TestCase):
     np.testing.assert_allclose(gm.reference_matmul(rows, w, sizes), want, rtol=1e-6)
     np.testing.assert_allclose(jax.lax.ragged_dot(rows, w, sizes), want, rtol=1e-6)
 
-  def test_auto_picks_gather_for_few_copies(self):
-    self.assertEqual(gm.resolve('auto', 64, 16), 'gather')  # decoding: B * K copies
-    self.assertIn(gm.resolve('auto', 8192, 16), ('tiled', 'ragged_dot'))
+  @parameterized.parameters((3, 2), (5, 3), (1, 4))
+  def test_dense_candidates_when_copies_are_fewer_than_experts(self, x, k):
+    # M < E: only the distinct chosen experts are read (duplicates and "elsewhere" ids included).
+    x_XD, _, weights, _ = problem(jax.random.key(x), x=x, k=k)
+    w = jax.random.normal(jax.random.key(9), (16, x_XD.shape[1], 16))
+    experts = jnp.asarray(np.random.default_rng(x).choice([2, 7, 9, 16], (x, k)), jnp.int32)  # 16: elsewhere
+    experts = experts.at[0, 0].set(16)
+    weights = jnp.where(experts < 16, weights, 0.0)
+    d = gm.plan(experts, 16, 'dense')
+    self.assertEqual(d.candidates_C.shape, (x * k,))
+    want = reference_ffn(x_XD, jnp.minimum(experts, 15), weights, w)
+    np.testing.assert_allclose(jax.jit(lambda *a: routed_ffn(*a, 'dense'))(x_XD, experts, weights, w), want,
+                               rtol=1e-5, atol=1e-3)
+
+  def test_weight_bytes_read_at_decode_sizes(self):
+    # 8 tokens x top-4 of 16 experts: dense reads each expert's weight once; gather writes and reads a copy
+    # per routed copy (32), from XLA's compiled cost analysis.
+    x, k, e, d, o = 8, 4, 16, 256, 128
+    w_bytes = e * d * o * 4
+
+    def accessed(impl):
+      fn = lambda x_XD, experts_XK, w_EDO: routed_ffn(x_XD, experts_XK, jnp.ones((x, k)), w_EDO, impl)
+      args = (jax.ShapeDtypeStruct((x, d), jnp.float32), jax.ShapeDtypeStruct((x, k), jnp.int32),
+              jax.ShapeDtypeStruct((e, d, o), jnp.float32))
+      return jax.jit(fn).lower(*args).compile().cost_analysis()['bytes accessed']
+
+    activations = e * x * (d + o) * 4  # one [C, X, D] broadcast of the tokens and one [C, X, O] output
+    self.assertLess(accessed('dense'), w_bytes + 4 * activations)  # the stack once; activations written, read
+    self.assertGreater(accessed('gather'), 2 * (x * k / e) * w_bytes)  # 32 copies written, then read
+
+  def test_auto_by_copies_and_tokens(self):
+    self.assertEqual(gm.resolve('auto', 1, 4, 16), 'gather')  # decoding one row: 4 of 16 experts
+    self.assertEqual(gm.resolve('auto', 8, 4, 16), 'dense')  # 32 copies of 16 experts
+    self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS, 8, 256), 'dense')
+    self.assertIn(gm.resolve('auto', 2048, 4, 16), ('tiled', 'ragged_dot'))
 
   def test_tile_padding_bound(self):
     for m, g in [(8192, 16), (64, 8), (4096, 256), (100, 3), (10**6, 8)]:

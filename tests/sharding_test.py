@@ -228,6 +228,7 @@ class ShardedTrainingRunTest(absltest.TestCase):
     self.assertLen(resumed, 5)
     np.testing.assert_allclose(resumed, single, rtol=1e-5)
 
+  @pytest.mark.slow  # ~105 s; the default suite keeps 2-process loading (hf_test) and the mesh-run resume above
   def test_two_processes_of_four_devices_match_one_process_of_eight(self):
     mesh_flags = ['--config.mesh.data=2', '--config.mesh.expert=4', '--config.batch_size=8', '--config.steps=3',
                   '--config.checkpoint_every=3', '--config.eval_every=100', '--config.sample_tokens=2']
