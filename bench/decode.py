@@ -1,15 +1,26 @@
-r"""Decoding throughput: ours against transformers' generate(), absorbed latent against naive per-head cache,
-MTP speculative against plain decoding on the trained demo model.
+r"""Decoding throughput: ours against transformers' generate(), the weight bytes a step reads against the
+minimum, step time against rows for each expert dispatch, KV cache forms, 4-bit / FP8-held experts, and MTP
+speculative against plain decoding on the trained demo model.
 
   python bench/decode.py [--workdir=runs/demo --new_tokens=64 --repeats=3]
 
-The first two comparisons use one random model with the demo's shapes, loaded by both frameworks from the
-same checkpoint, greedy, equal-length prompts; the third decodes from the trained demo run (trained first
-when --workdir does not hold one). Tokens/s = new tokens of all rows / wall time of generate() including the
-prefill, median of --repeats runs after a warm-up run (compilation excluded). Writes the "Decoding" section
-of docs/benchmarks.md.
+One random model with the demo's shapes, loaded by both frameworks from the same checkpoint (ours with its
+layers unrolled, the faster decode on CPU), greedy, equal-length prompts; the rows, dispatch and speculative
+tables decode the trained demo run (trained first when --workdir does not hold one). Tokens/s = new tokens of
+all rows / wall time of generate() including the prefill; a step's time = (time of a max_new_tokens call -
+time of a 2-token call) / the steps between them. Each figure is the median of --repeats runs after a warm-up
+run (compilation excluded). Writes the "Decoding" section of docs/benchmarks.md.
+
+Weight bytes per step: what a plain decode step reads of the weights (the embedding's rows and the MTP block
+are not read), counted by construction from the expert dispatch that `grouped_matmul.resolve` picks, against
+the minimum (the dense weights + each MoE layer's distinct experts of that step, from the routing of a
+teacher-forced forward over the generated tokens). The floor is that minimum over the bandwidth this machine
+streams fp32 weights through a matmul with the same rows (x @ [256, 4096] matrices holding as many bytes),
+measured in the same run.
 """
 
+import collections
+import dataclasses
 import os
 import statistics
 import sys
@@ -26,6 +37,10 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'A trained demo run (trai
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'Tokens generated per row.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs (median reported) after one warm-up run.')
 
+ROWS = (1, 2, 4, 8, 16, 32)
+CODE_PROMPTS = ('def ', 'import os\n', 'class Parser(object):\n    def ', 'for i in range(', '    return self.',
+                '# Copyright', 'if __name__ == "__main__":\n    ', 'try:\n    import ')
+
 
 def timed(fn):
   fn()  # warm-up: compilation / allocator
@@ -35,6 +50,14 @@ def timed(fn):
     result = fn()
     times.append(time.perf_counter() - start)
   return statistics.median(times), result
+
+
+def step_seconds(model, prompts, **kw):
+  """Seconds per decode step, the prefill and the call's fixed costs taken out; and the long call's result."""
+  from deepseek_jax.generate import generate
+  long_s, long = timed(lambda: generate(model, prompts, _NEW.value, **kw))
+  short_s, short = timed(lambda: generate(model, prompts, 2, **kw))
+  return (long_s - short_s) / (long.steps - short.steps), long
 
 
 def random_checkpoint(path):
@@ -53,6 +76,80 @@ def random_checkpoint(path):
   return c, model
 
 
+def step_weight_bytes(model):
+  """(bytes a plain decode step reads of every weight but the routed experts, bytes of one routed expert of
+  one layer): the embedding (one row per token) and the MTP block (speculative only) left out."""
+  from flax import nnx
+  from deepseek_jax.layers import HeldWeight
+  dense, expert = 0, 0
+  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, HeldWeight))):
+    names = [str(p) for p in path]
+    if names[0] in ('embed', 'mtp'):
+      continue
+    nbytes = value[...].nbytes
+    if 'experts' in names and 'shared_experts' not in names:  # [layers, E, ...] codes (and scales)
+      expert += nbytes // (value.shape[0] * value.shape[1])
+    else:
+      dense += nbytes
+  return dense, expert
+
+
+def distinct_experts(model, tokens_BT, first):
+  """Per MoE layer, the mean over decode steps of the distinct routed experts all rows select: from the
+  routing of one teacher-forced forward, run eagerly (the same routing greedy decoding
+  computed), where the steps' positions are `first` onwards."""
+  import jax.numpy as jnp
+  from deepseek_jax import moe
+  seen = []
+  call = moe.MoE.__call__
+
+  def spy(self, x_BTD):
+    routing = self.gate(x_BTD.reshape(-1, x_BTD.shape[-1]))
+    seen.append(np.asarray(routing.experts_XK).reshape(x_BTD.shape[0], x_BTD.shape[1], -1))
+    return call(self, x_BTD)
+
+  moe.MoE.__call__ = spy
+  try:
+    model.unstacked().forward(jnp.asarray(tokens_BT))  # per-layer blocks: a Python loop, run eagerly
+  finally:
+    moe.MoE.__call__ = call
+  per_layer = [np.mean([len(np.unique(e_BTK[:, j])) for j in range(first, e_BTK.shape[1])]) for e_BTK in seen]
+  return per_layer
+
+
+def stream_seconds(total_bytes, rows):
+  """Seconds this machine takes to stream `total_bytes` of fp32 weights through x[rows, 256] @ w matmuls (the
+  decode step's access pattern at its smallest), median of 9 after a warm-up."""
+  import jax
+  import jax.numpy as jnp
+  per = 256 * 4096 * 4
+  ws = [jnp.asarray(np.random.default_rng(i).standard_normal((256, 4096), np.float32))
+        for i in range(max(1, round(total_bytes / per)))]
+  x = jnp.ones((rows, 256), jnp.float32)
+  f = jax.jit(lambda x, ws: [x @ w for w in ws])
+  jax.block_until_ready(f(x, ws))
+  times = []
+  for _ in range(9):
+    start = time.perf_counter()
+    jax.block_until_ready(f(x, ws))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * total_bytes / (len(ws) * per)
+
+
+def read_experts(cfg, rt, rows, distinct):
+  """(dispatch, routed experts a plain step reads over all MoE layers) by construction (grouped_matmul.py):
+  gather reads one expert per routed copy, dense every expert when the copies cover them or else each
+  distinct one once, ragged / tiled the whole stack."""
+  from deepseek_jax import grouped_matmul as gm
+  copies, e, layers = rows * cfg.n_activated_experts, cfg.n_routed_experts, len(distinct)
+  impl = gm.resolve(rt.gmm_impl, rows, cfg.n_activated_experts, e)
+  if impl == 'gather':
+    return impl, copies * layers
+  if impl == 'dense' and copies < e:
+    return impl, sum(distinct)
+  return impl, e * layers
+
+
 def main(argv):
   del argv
   import jax
@@ -60,18 +157,23 @@ def main(argv):
   from configs import demo
   from deepseek_jax import cost
   from deepseek_jax.cache import CacheForm, bytes_per_token
+  from deepseek_jax.config import Runtime
   from deepseek_jax.generate import generate
   from deepseek_jax.hf import load_hf
   from deepseek_jax.run_config import runtime
+  from deepseek_jax.tokenizer import run_codec
   from deepseek_jax.trainer import restore_model
   logging.set_verbosity(logging.WARNING)
   new = _NEW.value
   rng = np.random.default_rng(0)
   path = os.path.join(tempfile.mkdtemp(prefix='decode_bench_'), 'ckpt')
   arch, hf_model = random_checkpoint(path)
-  cfg, ours = load_hf(path)  # fp32, scanned layers
-  rows = []
-  for batch in (1, 8):
+  rt = Runtime(scan_layers=False)
+  cfg, ours = load_hf(path, rt)  # fp32
+  dense_bytes, expert_bytes = step_weight_bytes(ours)
+  n_moe = cfg.n_layers - cfg.n_dense_layers
+  peer_rows, bytes_rows = [], []
+  for batch in (1, 8, 32):
     prompts = rng.integers(0, cfg.vocab_size, (batch, 16)).tolist()
     ours_s, ours_out = timed(lambda: generate(ours, prompts, new))
     ids = torch.tensor(prompts)
@@ -82,8 +184,33 @@ def main(argv):
 
     hf_s, hf_out = timed(hf_generate)
     same = sum(a == b[16:].tolist() for a, b in zip(ours_out.tokens, hf_out))
-    rows.append(f'| {batch} | {batch * new / ours_s:,.0f} | {batch * new / hf_s:,.0f} | {hf_s / ours_s:.2f}x | '
-                f'{same}/{batch} |')
+    peer_rows.append(f'| {batch} | {batch * new / ours_s:,.0f} | {batch * new / hf_s:,.0f} | '
+                     f'{hf_s / ours_s:.2f}x | {same}/{batch} |')
+    tokens_BT = np.asarray([p + t[:-1] for p, t in zip(prompts, ours_out.tokens)], np.int32)
+    distinct = distinct_experts(ours, tokens_BT, 16)
+    minimum = dense_bytes + expert_bytes * sum(distinct)
+    impl, experts_read = read_experts(cfg, rt, batch, distinct)
+    read = dense_bytes + expert_bytes * experts_read
+    floor_s = stream_seconds(minimum, batch)
+    ceiling = hf_s / (new * floor_s)  # the speed-up if every step took only the floor (prefill free)
+    bytes_rows.append(f'| {batch} | {impl} | {read / 1e6:.2f} MB | {minimum / 1e6:.2f} MB | '
+                      f'{read / minimum:.2f}x | {np.mean(distinct):.1f} of {cfg.n_routed_experts} | '
+                      f'{minimum / floor_s / 1e9:.1f} GB/s | {floor_s * 1e3:.2f} ms | {ours_s / new * 1e3:.2f} ms | '
+                      f'{hf_s / new * 1e3:.2f} ms | {ceiling:.1f}x |')
+  # Held formats of the routed experts: fp32, FP8 (every projection, 128x128 scales), int4 / MXFP4.
+  held_rows = []
+  for label, held_rt in (('fp32', rt), ('FP8 (all projections)', dataclasses.replace(rt, fp8_weights=True)),
+                         ('int4, group 128', dataclasses.replace(rt, weights4='int4')),
+                         ('MXFP4', dataclasses.replace(rt, weights4='mxfp4'))):
+    _, held = load_hf(path, held_rt)
+    d_bytes, e_bytes = step_weight_bytes(held)
+    speeds = []
+    for batch in (1, 8):
+      prompts = rng.integers(0, cfg.vocab_size, (batch, 16)).tolist()
+      seconds, _ = timed(lambda: generate(held, prompts, new))
+      speeds.append(f'{batch * new / seconds:,.0f}')
+    held_rows.append(f'| {label} | {e_bytes * cfg.n_routed_experts * n_moe / 1e6:.2f} MB | '
+                     f'{(d_bytes + e_bytes * cfg.n_routed_experts * n_moe) / 1e6:.2f} MB | {" | ".join(speeds)} |')
   prompts8 = rng.integers(0, cfg.vocab_size, (8, 16)).tolist()
   cache_rows = []
   labels = {CacheForm.ABSORBED: 'absorbed latent', CacheForm.FP8: 'absorbed latent, FP8 (1x128 scales)',
@@ -95,12 +222,19 @@ def main(argv):
   if not os.path.exists(os.path.join(_WORKDIR.value, 'model.json')):
     from deepseek_jax.trainer import train
     train(demo.get_config(), _WORKDIR.value)
-  _, trained, step = restore_model(_WORKDIR.value, runtime(demo.get_config()))  # as it trained: layers unrolled
-  from deepseek_jax.tokenizer import run_codec
+  trained_rt = runtime(demo.get_config())  # as it trained: layers unrolled
   codec = run_codec(_WORKDIR.value)
-  code_prompts = [codec.encode(text) for text in ('def ', 'import os\n', 'class Parser(object):\n    def ',
-                                                  'for i in range(', '    return self.', '# Copyright',
-                                                  'if __name__ == "__main__":\n    ', 'try:\n    import ')]
+  code_prompts = [codec.encode(text) for text in CODE_PROMPTS]
+  step_rows = collections.defaultdict(list)
+  for impl in ('gather', 'dense', 'auto'):
+    _, trained, step = restore_model(_WORKDIR.value, dataclasses.replace(trained_rt, gmm_impl=impl))
+    for rows in ROWS:
+      prompts = (code_prompts * (rows // len(code_prompts) + 1))[:rows]
+      step_rows[rows].append(f'{step_seconds(trained, prompts)[0] * 1e3:.2f}')
+      if impl == 'auto':
+        spec_s, spec = step_seconds(trained, prompts, speculative=True)
+        step_rows[rows].append(f'{spec_s * 1e3:.2f} ({spec.accepted / spec.drafts:.0%})')
+  rows_table = [f'| {rows} | {" | ".join(cells)} |' for rows, cells in step_rows.items()]
   spec_rows, findings, plain_step = [], [], {}
   for batch in (1, 8):
     prompts = code_prompts[:batch]
@@ -115,6 +249,9 @@ def main(argv):
     findings.append(f'at batch {batch}, {spec.accepted / spec.drafts:.0%} of the drafts are kept and the '
                     f'decode steps fall {plain.steps / spec.steps:.2f}x, but a speculative step costs '
                     f'{step_ratio:.2f}x a plain one, so tokens/s changes {plain_s / spec_s:.2f}x')
+  # Why a speculative step costs more than its weights: one matmul of the head with 1, 2 and 3 rows.
+  head = np.asarray(trained.head.kernel[...])
+  head_ms = {rows: head_seconds(head, rows) * 1e3 for rows in (1, 2, 3)}
   text = '\n'.join([
       f'Command: `python bench/decode.py --new_tokens={new} --repeats={_REPEATS.value}` ({os.cpu_count()} CPU '
       f'cores, jax {jax.__version__}, torch {torch.__version__}). Greedy, {new} new tokens per row after '
@@ -123,12 +260,30 @@ def main(argv):
       '',
       'Ours against transformers `generate()` on one random model with the demo shapes '
       f'({cost.summary(arch)["total_params"] / 1e6:.1f}M parameters, {arch.n_routed_experts} experts '
-      f'top-{arch.n_activated_experts}), both loading the same checkpoint; the last column counts rows whose '
-      'tokens match:',
+      f'top-{arch.n_activated_experts}), both loading the same checkpoint, fp32; the last column counts rows '
+      'whose tokens match:',
       '',
       '| batch | ours tokens/s | transformers tokens/s | speed-up | same tokens |',
       '|---|---|---|---|---|',
-      *rows,
+      *peer_rows,
+      '',
+      'Weight bytes a plain step reads (same runs): ours by construction of the dispatch it picks, the minimum '
+      'from the distinct experts the step routes to; the floor streams the minimum at the bandwidth measured '
+      'here; ms / step divides the whole call by the new tokens (prefill included); the ceiling is the '
+      'speed-up over transformers if each of our steps took only the floor and the prefill nothing:',
+      '',
+      '| batch | dispatch | ours reads | minimum | ours / minimum | distinct experts per layer | bandwidth | '
+      'floor / step | ours ms / step | transformers ms / step | ceiling |',
+      '|---|---|---|---|---|---|---|---|---|---|---|',
+      *bytes_rows,
+      '',
+      'Routed experts held in each format (same random model, loaded by `load_hf` with the Runtime that says '
+      'so; the weights of a step are all experts of every MoE layer plus the dense weights), tokens/s at batch 1 '
+      'and 8:',
+      '',
+      '| routed experts | expert bytes | weight bytes (dense + all experts) | tokens/s b1 | tokens/s b8 |',
+      '|---|---|---|---|---|',
+      *held_rows,
       '',
       'KV cache forms (ours, batch 8, same model; bytes per token over all layers in bf16):',
       '',
@@ -136,7 +291,15 @@ def main(argv):
       '|---|---|---|',
       *cache_rows,
       '',
-      f'MTP speculative decoding on the trained demo run (`{_WORKDIR.value}`, step {step}), code prompts:',
+      f'Decode step time (ms) against rows on the trained demo run (`{_WORKDIR.value}`, step {step}), code '
+      'prompts, for each expert dispatch (`Runtime.gmm_impl`), and MTP speculative with the automatic choice '
+      '(acceptance in brackets):',
+      '',
+      '| rows | gather | dense | auto | speculative (auto) |',
+      '|---|---|---|---|---|',
+      *rows_table,
+      '',
+      'MTP speculative decoding on the same run, code prompts:',
       '',
       '| batch | plain tokens/s | speculative tokens/s | speed-up | acceptance | decode steps plain / spec | '
       'time per step spec / plain | same tokens |',
@@ -144,11 +307,34 @@ def main(argv):
       *spec_rows,
       '',
       f'From these rows: {"; ".join(findings)}. A plain step with 8 rows takes '
-      f'{plain_step[8] / plain_step[1]:.1f}x the time of one with 1 row. The paper reports 85-90% acceptance for '
-      'V3 and 1.8x tokens/s.',
+      f'{plain_step[8] / plain_step[1]:.1f}x the time of one with 1 row. The output head alone, '
+      f'[rows, {cfg.dim}] @ [{cfg.dim}, {cfg.vocab_size}] fp32 jitted, takes '
+      f'{head_ms[1]:.3f} / {head_ms[2]:.3f} / {head_ms[3]:.3f} ms with 1 / 2 / 3 rows (the same weight bytes). The paper reports '
+      '85-90% acceptance for V3 and 1.8x tokens/s.',
   ])
   print(text)
   replace_section('Decoding', text)
+
+
+def head_seconds(w, rows, repeats=16):
+  """Seconds of one x[rows, A] @ w[A, O], from a jitted loop of `repeats` products (each on a new x, so none
+  is folded away), median of 9 after a warm-up."""
+  import jax
+  import jax.numpy as jnp
+  w = jnp.asarray(w)
+
+  def products(x):
+    return jax.lax.fori_loop(0, repeats, lambda i, acc: acc + (x + i) @ w, jnp.zeros((rows, w.shape[1])))
+
+  f = jax.jit(products)
+  x = jnp.ones((rows, w.shape[0]), w.dtype)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(9):
+    start = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) / repeats
 
 
 if __name__ == '__main__':

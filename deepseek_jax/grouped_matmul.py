@@ -21,7 +21,7 @@ Decoding, where a step is bound by the bytes of expert weights it reads (each ex
 'auto' (measured on the demo shapes, 16 experts top-4, docs/benchmarks.md "Decoding"): gather while M < E
 (the copies are nearly all distinct experts: gather reads about the minimum and needs no sort), dense once
 M >= E up to DENSE_ROWS tokens (every expert is likely touched: each read once, no copy), else ragged_dot on
-TPU and tiled elsewhere. At M = E the two tie on CPU; at 8 tokens dense is 1.4x faster, at 32 3x.
+TPU and tiled elsewhere. On CPU dense overtakes gather from 8 tokens on (the rows table there).
 
 Letters beyond model.py's key: A / O the input / output features of an expert weight, Y row tiles, Z the rows
 of one tile, C the candidate experts of the dense layout.
