@@ -135,7 +135,10 @@ def cached_attention(q_a_BTHA, q_pe_BTHR, cache: kv.LayerCache, positions_BT, sc
 
   def weighted(probs_BHTS, value):
     spec = 'bhts,bsz->bthz' if value.ndim == 3 else 'bhts,bshz->bthz'
-    return jnp.einsum(spec, probs_BHTS.astype(value.dtype), value, preferred_element_type=f32)
+    # bf16 probabilities x bf16 values accumulated in fp32, written with fp32 operands: their products are
+    # exact in fp32, so nothing changes, but XLA:CPU has no BF16 x BF16 -> F32 dot for this layout.
+    return jnp.einsum(spec, probs_BHTS.astype(value.dtype).astype(f32), value.astype(f32),
+                      preferred_element_type=f32)
 
   def attend(i, carry):
     max_BHT, sum_BHT, out_BTHZ = carry

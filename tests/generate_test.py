@@ -15,7 +15,7 @@ from flax import nnx
 from deepseek_jax import cache as kv
 from deepseek_jax import expert_parallel, held, sharding
 from deepseek_jax.cache import CacheForm
-from deepseek_jax.config import PRESETS
+from deepseek_jax.config import BF16, PRESETS
 from deepseek_jax.generate import generate
 from deepseek_jax.loss import cross_entropy
 from deepseek_jax.optimizer import adamw
@@ -62,6 +62,18 @@ class GenerateTest(parameterized.TestCase):
     for prompt, tokens in zip(PROMPTS, self.greedy.tokens):
       want = np.asarray(greedy_rollout(self.model, jnp.asarray([prompt]), 10))[0, len(prompt):]
       self.assertEqual(tokens, want.tolist())
+
+  def test_bf16_decodes_and_follows_its_full_forward(self):
+    """BF16 weights and activations decode on every backend (XLA:CPU has no BF16 x BF16 -> F32 dot for the
+    probabilities x values layout); each greedy token is the argmax of the uncached bf16 forward over the
+    generated text, to within 4 bf16 ulps of the logits' magnitude (the cached absorbed and uncached forms
+    round differently)."""
+    model = random_model(TINY, seed=3, rt=BF16)
+    for prompt, tokens in zip(PROMPTS, generate(model, PROMPTS, 10).tokens):
+      logits_TW = np.asarray(forward(model, jnp.asarray([prompt + tokens])).logits_BTW[0].astype(jnp.float32))
+      steps_JW = logits_TW[len(prompt) - 1:-1]
+      gaps_J = steps_JW.max(axis=-1) - steps_JW[np.arange(len(tokens)), tokens]
+      self.assertLessEqual(gaps_J.max(), 4 * 2.0 ** -8 * np.abs(logits_TW).max())
 
   def test_rows_do_not_affect_each_other(self):
     for prompt, tokens in zip(PROMPTS, self.greedy.tokens):
