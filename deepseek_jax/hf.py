@@ -195,23 +195,30 @@ def _sharded(store: SafetensorsDir, source: Source, shape, dtype, named, rt: Run
     block = tuple(len(range(*i.indices(d))) for i, d in zip(index, shape))
     if stack == 0:  # one tensor: its block is the piece
       piece = _read_entry(store, source, (), index, dtype, rt)
-      buffer, read = jax.device_put(piece, device), read + piece.nbytes
+      buffer, read = _to_device(piece, device), read + piece.nbytes
     elif math.prod(block) * dtype.itemsize <= host_budget:  # small: assembled on the host, one transfer
       host = np.empty(block, dtype)
       for position in np.ndindex(*block[:stack]):
         entry = tuple(i.start + p * i.step for i, p in zip(index[:stack], position))
         host[position] = _read_entry(store, source, entry, index[stack:], dtype, rt)
-      buffer, read = jax.device_put(host, device), read + host.nbytes
+      buffer, read = _to_device(host, device), read + host.nbytes
       del host
     else:
       buffer = _zeros(jax.device_put(np.zeros((), dtype), device), block)  # made on the device, not the host
       for position in np.ndindex(*block[:stack]):
         entry = tuple(i.start + p * i.step for i, p in zip(index[:stack], position))
         piece = _read_entry(store, source, entry, index[stack:], dtype, rt)
-        buffer, read = _write(buffer, jax.device_put(piece, device), position), read + piece.nbytes
+        buffer, read = _write(buffer, _to_device(piece, device), position), read + piece.nbytes
     built[key] = buffer
     buffers.append(buffer)
   return jax.make_array_from_single_device_arrays(tuple(shape), named, buffers), read
+
+
+def _to_device(host: np.ndarray, device) -> jax.Array:
+  """`host` copied to `device`, waited for: a transfer in flight keeps its host array alive, so without the
+  wait a reader faster than the transfers would hold many blocks at once (measured on 2 busy cores: 1.7 MB
+  against the 1.2 MB of one block and one slice)."""
+  return jax.device_put(host, device).block_until_ready()
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -367,8 +367,8 @@ class ShardedLoadTest(parameterized.TestCase):
     self.assertEqual(generate(spread, prompts, 6, mesh=mesh).tokens, generate(one, prompts, 6).tokens)
 
   def test_host_memory_is_one_tensor_slice_not_a_stack(self):
-    """Traced in a fresh process: in the suite's worker, threads left by earlier tests (async checkpointing)
-    allocate during the traced load and count toward its peak."""
+    """Traced in a fresh process, so no other test's threads allocate during the traced window. On busy cores
+    this caught transfers in flight holding their host blocks (1.7 MB here) until load_hf waited for each."""
     import subprocess
     import sys
     store = SafetensorsDir(self.src)
