@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from deepseek_jax import quant4
 from deepseek_jax.expert_parallel import DISPATCHES
 from deepseek_jax.grouped_matmul import IMPLS as GMM_IMPLS
-from pallas_kernels.common import IMPLS as FP8_IMPLS, SCALE_FORMATS
+from pallas_kernels.common import IMPLS as KERNEL_IMPLS, SCALE_FORMATS
 
 _SCORE_FUNCS = ('sigmoid', 'softmax')
 _DTYPES = ('float32', 'bfloat16', 'float16')
@@ -134,6 +134,7 @@ class Runtime:
   # only), whatever fp8_weights says for the other projections.
   weights4: str = 'none'
   weights4_group: int = 0  # input rows per scale: 0 the format's default (int4 128, mxfp4 32)
+  weights4_impl: str = 'auto'  # 4-bit expert matmuls at decode sizes, see pallas_kernels.quant4_gemm
   gmm_impl: str = 'auto'  # routed-expert grouped matmul, see grouped_matmul.resolve
   ep_dispatch: str = 'auto'  # expert-parallel dispatch, see expert_parallel.resolve
   remat: bool = False  # recompute each block in the backward pass instead of storing its activations
@@ -148,12 +149,13 @@ class Runtime:
     need(self.param_dtype in _DTYPES, 'param_dtype', f'must be one of {_DTYPES}')
     need(self.dtype in _DTYPES, 'dtype', f'must be one of {_DTYPES}')
     need(self.quant in ('none', 'fp8'), 'quant', "must be 'none' or 'fp8'")
-    need(self.fp8_impl in FP8_IMPLS, 'fp8_impl', f'must be one of {FP8_IMPLS}')
+    need(self.fp8_impl in KERNEL_IMPLS, 'fp8_impl', f'must be one of {KERNEL_IMPLS}')
     need(self.fp8_scale_fmt in SCALE_FORMATS, 'fp8_scale_fmt', f'must be one of {SCALE_FORMATS}')
     need(self.weights4 in ('none',) + quant4.FORMATS, 'weights4', f"must be 'none' or one of {quant4.FORMATS}")
     if self.weights4 != 'none' and self.weights4_group:
       groups = quant4.INT4_GROUPS if self.weights4 == 'int4' else (quant4.MX_GROUP,)
       need(self.weights4_group in groups, 'weights4_group', f'{self.weights4} groups are one of {groups} (0: default)')
+    need(self.weights4_impl in KERNEL_IMPLS, 'weights4_impl', f'must be one of {KERNEL_IMPLS}')
     need(self.gmm_impl in GMM_IMPLS, 'gmm_impl', f'must be one of {GMM_IMPLS}')
     need(self.ep_dispatch in DISPATCHES, 'ep_dispatch', f'must be one of {DISPATCHES}')
     need(self.kv_block > 0, 'kv_block', 'must be positive')

@@ -160,6 +160,21 @@ def matmul(d: Dispatch, rows_UA, w_read, recipe=None):
   return tiled_matmul(rows_UA, w_read, d.tile_expert)
 
 
+def matmul4(d: Dispatch, rows_UA, codes_EPO, scales_EGO, fmt: str, impl: str):
+  """matmul for the decode layouts ('dense', 'gather') against a whole expert stack held as packed 4-bit codes
+  (quant4.py), through pallas_kernels.quant4_gemm: the kernel fetches each block's expert from the stack
+  itself, so no gathered copy of the weights is made (fp32 out)."""
+  from pallas_kernels import quant4_gemm
+  n_experts = codes_EPO.shape[0]
+  if d.impl == 'gather':  # one row per copy, its own expert
+    return quant4_gemm.gemm(rows_UA[:, None], codes_EPO, scales_EGO, d.tile_expert, fmt, impl)[:, 0]
+  if d.impl != 'dense':
+    raise ValueError(f"4-bit expert kernels take the 'dense' or 'gather' layouts, not {d.impl!r}")
+  experts_C = (jnp.arange(n_experts, dtype=jnp.int32) if d.candidates_C is None
+               else jnp.minimum(d.candidates_C, n_experts - 1))
+  return quant4_gemm.gemm(rows_UA, codes_EPO, scales_EGO, experts_C, fmt, impl)
+
+
 def combine(d: Dispatch, rows_UD, weights_XK):
   """sum_k weights[x, k] * output row of copy (x, k)."""
   x, k = weights_XK.shape

@@ -20,6 +20,7 @@ from deepseek_jax import grouped_matmul as gm
 from deepseek_jax.config import ModelConfig, Runtime
 from deepseek_jax.layers import MLP, dequantize_weight, fp8_recipe, fp8_weight, normal_param, quant4_weight
 from deepseek_jax.router import Gate, Routing
+from pallas_kernels.common import resolve_impl
 
 
 class MoEStats(NamedTuple):
@@ -40,6 +41,7 @@ class RoutedExperts(nnx.Module):
     # FP8 quantizes 128-row tiles: the tiled layout keeps every expert's rows in whole tiles.
     self.gmm_impl = 'tiled' if self.recipe is not None else rt.gmm_impl
     self.ep_dispatch = rt.ep_dispatch
+    self.weights4_impl = resolve_impl(rt.weights4_impl)
     self.shapes = (('w1', (e, d, i)), ('w2', (e, i, d)), ('w3', (e, d, i)))  # static attributes stay hashable
     axes = {'w1': ('expert', 'embed', 'moe_mlp'), 'w2': ('expert', 'moe_mlp', 'embed'),
             'w3': ('expert', 'embed', 'moe_mlp')}
@@ -90,6 +92,12 @@ class RoutedExperts(nnx.Module):
   def _apply(self, x_XD, experts_XK, weights_XK, stored, n_experts: int):
     dispatch = gm.plan(experts_XK, n_experts, self.gmm_impl)
     rows_UD = gm.gather(dispatch, x_XD.astype(self.dtype))
+    if self.held in quant4.FORMATS and dispatch.impl in ('dense', 'gather') and self.weights4_impl != 'xla':
+      # Decoding on TPU: the 4-bit kernel dequantizes in its operand fetch, from the stacks as stored.
+      def matmul(rows, j):
+        return gm.matmul4(dispatch, rows, *stored[2 * j:2 * j + 2], self.held, self.weights4_impl).astype(self.dtype)
+      h_UI = jax.nn.silu(matmul(rows_UD, 0)) * matmul(rows_UD, 2)
+      return gm.combine(dispatch, matmul(h_UI, 1), weights_XK)
     w1, w2, w3 = self._weights(dispatch, stored)
     matmul = functools.partial(gm.matmul, dispatch, recipe=self.recipe)
     h_UI = jax.nn.silu(matmul(rows_UD, w1)) * matmul(rows_UD, w3)

@@ -160,6 +160,7 @@ class ValidationTest(parameterized.TestCase):
       ('bad_weights4_group', dict(weights4='mxfp4', weights4_group=128), 'weights4_group'),
       ('bad_quant', dict(quant='int4'), 'quant'),
       ('bad_fp8_impl', dict(fp8_impl='cuda'), 'fp8_impl'),
+      ('bad_weights4_impl', dict(weights4_impl='triton'), 'weights4_impl'),
       ('bad_dispatch', dict(ep_dispatch='ring'), 'ep_dispatch'),
       ('zero_kv_block', dict(kv_block=0), 'kv_block'),
   )

@@ -84,6 +84,20 @@ class Experts4Test(parameterized.TestCase):
     prompts = [[5, 9, 33, 7], [100, 2, 4]]
     self.assertEqual(generate(spread, prompts, 6, mesh=mesh).tokens, generate(one, prompts, 6).tokens)
 
+  def test_kernel_decodes_as_the_xla_path(self, fmt='int4', group=32):  # every format: quant4_gemm_test
+    # The 4-bit GEMM kernel (interpret mode) on each decode layout of tiny's 8 experts top-2: 'gather' (1 token,
+    # 2 copies), 'dense' over the distinct chosen experts (2 tokens, 4 copies), 'dense' over all (16 tokens).
+    cfg = PRESETS['tiny']
+    rng = np.random.default_rng(1)
+    for gmm_impl, shape in (('auto', (1, 1)), ('dense', (1, 2)), ('auto', (2, 8))):
+      xla, kernel = (held.experts_4bit(random_model(cfg, 3, rt=Runtime(gmm_impl=gmm_impl, weights4_impl=impl)),
+                                       fmt, group) for impl in ('xla', 'interpret'))
+      tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, shape))
+      want = forward(xla, tokens).logits_BTW
+      np.testing.assert_allclose(forward(kernel, tokens).logits_BTW, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    prompts = [[5, 9, 33, 7], [100, 2, 4]]
+    self.assertEqual(generate(kernel, prompts, 5).tokens, generate(xla, prompts, 5).tokens)
+
   def test_errors(self):
     model = random_model(PRESETS['tiny'])
     q = held.experts_4bit(model, 'int4', 32)

@@ -1,4 +1,5 @@
-"""Every FP8 kernel lowers for TPU (Mosaic) and, where it has a Triton body, for CUDA, at DeepSeek-V3's shapes.
+"""Every FP8 kernel lowers for TPU (Mosaic) and, where it has a Triton body, for CUDA, at DeepSeek-V3's shapes; so
+does the 4-bit expert GEMM (TPU).
 
 Lowering runs the Pallas -> Mosaic / Triton lowering on CPU from shapes alone: block-shape rule violations
 (TPU (8, 128) tiles, Triton powers of two) surface here rather than on a user's accelerator. It does not
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from absl.testing import parameterized
 
-from pallas_kernels import act_quant, block_gemm, grouped_gemm, transpose_quant, weight_quant
+from pallas_kernels import act_quant, block_gemm, grouped_gemm, quant4_gemm, transpose_quant, weight_quant
 
 F8, F32 = jnp.float8_e4m3fn, jnp.float32
 TOKENS = 4096
@@ -56,6 +57,15 @@ class LoweringTest(parameterized.TestCase):
           spec((u, k), F8), spec((k // 128, u, 1), F32), spec((e, k, n), F8), spec((e, k // 128, 1, n), F32), tiles)
     lower(lambda at, sat, b, sb, te: grouped_gemm.wgrad_pallas(at, sat, b, sb, te, e), 'tpu',
           spec((k, u), F8), spec((u // 128, k, 1), F32), spec((u, n), F8), spec((u // 128, 1, n), F32), tiles)
+
+  @parameterized.product(fmt=[('int4', 128, jnp.bfloat16), ('int4', 32, F32), ('mxfp4', 32, jnp.float8_e8m0fnu)],
+                         ao=[(7168, 2048), (2048, 7168)], cx=[(8, 1), (64, 8), (256, 32)])
+  def test_quant4_expert_gemm_tpu(self, fmt, ao, cx):
+    # V3's expert up / down projections; rows: one copy each (gather), batch 8 and 32 x top-8 (dense).
+    (fmt, group, scale_dtype), (a, o), (c, x) = fmt, ao, cx
+    lower(lambda xs, codes, scales, ex: quant4_gemm.pallas(xs, codes, scales, ex, fmt), 'tpu',
+          spec((c, x, a), jnp.bfloat16), spec((256, a // 2, o), jnp.uint8), spec((256, a // group, o), scale_dtype),
+          spec((c,), jnp.int32))
 
   def test_tpu7x_native_fp8_lowers(self):
     # On TPU7x the MXU takes e4m3 directly (no bf16 upcast in VMEM).
