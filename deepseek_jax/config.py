@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from deepseek_jax import quant4
+from deepseek_jax.attention import IMPLS as ATTENTION_IMPLS
 from deepseek_jax.expert_parallel import DISPATCHES
 from deepseek_jax.grouped_matmul import IMPLS as GMM_IMPLS
 from pallas_kernels.common import IMPLS as KERNEL_IMPLS, SCALE_FORMATS
@@ -140,6 +141,9 @@ class Runtime:
   remat: bool = False  # recompute each block in the backward pass instead of storing its activations
   scan_layers: bool = True  # False unrolls the layer loop: faster small models on CPU, compile time ~ depth
   kv_block: int = 256  # decoding attends over the KV cache in blocks of this many positions, as far as filled
+  attention: str = 'auto'  # uncached causal attention: 'dense' | 'flash' | 'splash' (TPU), see attention.py
+  attention_block: int = 512  # flash / splash query and key block rows: temporaries [B, H, block, block]
+  head_chunk: int = 1024  # the training loss runs the output head this many tokens at a time (loss.py)
 
   def __post_init__(self):
     def need(ok: bool, field: str, why: str):
@@ -159,6 +163,9 @@ class Runtime:
     need(self.gmm_impl in GMM_IMPLS, 'gmm_impl', f'must be one of {GMM_IMPLS}')
     need(self.ep_dispatch in DISPATCHES, 'ep_dispatch', f'must be one of {DISPATCHES}')
     need(self.kv_block > 0, 'kv_block', 'must be positive')
+    need(self.attention in ATTENTION_IMPLS, 'attention', f'must be one of {ATTENTION_IMPLS}')
+    need(self.attention_block > 0, 'attention_block', 'must be positive')
+    need(self.head_chunk > 0, 'head_chunk', 'must be positive')
 
   @property
   def jnp_param_dtype(self):

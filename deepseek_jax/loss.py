@@ -40,6 +40,28 @@ def cross_entropy(logits_BTW, targets_BT, mask_BT=None):
   return (ce_BT * mask_BT).sum() / jnp.maximum(mask_BT.sum(), 1.0)
 
 
+def head_cross_entropy(head, hidden_BTD, targets_BT, mask_BT=None, chunk: int = 1024):
+  """cross_entropy(head(hidden), targets, mask) without the [B, T, vocab] logits: `chunk` tokens at a time
+  in a scan whose body is rematerialized (jax.checkpoint), so the backward pass recomputes each chunk's
+  logits from its hidden rows and only [chunk, vocab] exists at once; the head's weight gradient
+  accumulates over the chunks. A batch of one chunk keeps its logits for the backward pass instead."""
+  b, t, d = hidden_BTD.shape
+  x, n = b * t, -(-(b * t) // chunk)
+  mask_X = jnp.ones((x,), jnp.float32) if mask_BT is None else mask_BT.reshape(x).astype(jnp.float32)
+
+  def ce(hidden_LD, targets_L):
+    return optax.softmax_cross_entropy_with_integer_labels(head(hidden_LD).astype(jnp.float32), targets_L)
+
+  if n == 1:
+    ce_X = ce(hidden_BTD.reshape(x, d), targets_BT.reshape(x))
+  else:
+    pad = n * chunk - x  # padded rows: target 0, mask 0
+    hidden_NLD = jnp.pad(hidden_BTD.reshape(x, d), ((0, pad), (0, 0))).reshape(n, chunk, d)
+    targets_NL = jnp.pad(targets_BT.reshape(x), (0, pad)).reshape(n, chunk)
+    ce_X = jax.lax.map(lambda a: jax.checkpoint(ce)(*a), (hidden_NLD, targets_NL)).reshape(-1)[:x]
+  return (ce_X * mask_X).sum() / jnp.maximum(mask_X.sum(), 1.0)
+
+
 def balance_loss(stats: MoEStats):
   """sum over layers of mean over sequences of sum_i f_i P_i (Eq. 17, without alpha); f_i is a count."""
   return (jax.lax.stop_gradient(stats.load_BE) * stats.prob_BE).sum(axis=-1).mean(axis=-1).sum()
@@ -50,18 +72,21 @@ def balance(moe_stats: Mapping[str, MoEStats], balance_alpha):
   return balance_alpha * sum((balance_loss(s) for s in moe_stats.values()), jnp.zeros((), jnp.float32))
 
 
-def terms(out: ModelOutput, mtp_out: MTPOutput | None, targets_BT, mtp_lambda, balance_alpha) -> LossTerms:
-  """The loss terms of the model's outputs on inputs whose next tokens are targets_BT."""
-  ce = cross_entropy(out.logits_BTW, targets_BT)
+def terms(head, out: ModelOutput, mtp_out: MTPOutput | None, targets_BT, mtp_lambda, balance_alpha,
+          chunk: int) -> LossTerms:
+  """The loss terms of the model's outputs on inputs whose next tokens are targets_BT, the cross entropies
+  from the hidden states through `head` (head_cross_entropy: the outputs' logits go unused, and XLA drops
+  them)."""
+  ce = head_cross_entropy(head, out.hidden_BTD, targets_BT, chunk=chunk)
   stats = dict(out.moe_stats)
   mtp = jnp.zeros((), jnp.float32)
   if mtp_out is not None:
     t = targets_BT.shape[1]
     per_depth = []
-    for k, logits_BTW in enumerate(mtp_out.logits_PBTW, start=1):
+    for k, hidden_BTD in enumerate(mtp_out.hidden_PBTD, start=1):
       shifted_BT = jnp.pad(targets_BT[:, k:], ((0, 0), (0, k)))
       valid_BT = jnp.broadcast_to(jnp.arange(t) < t - k, targets_BT.shape)
-      per_depth.append(cross_entropy(logits_BTW, shifted_BT, valid_BT))
+      per_depth.append(head_cross_entropy(head, hidden_BTD, shifted_BT, valid_BT, chunk))
     mtp = mtp_lambda * jnp.mean(jnp.stack(per_depth))
     stats.update(mtp_out.moe_stats)
   bal = balance(stats, balance_alpha)
@@ -81,4 +106,4 @@ def output_terms(model: DeepSeekV3, out: ModelOutput, targets_BT, mtp_lambda, ba
     # Depth 1 reads the token after each input position; the last position has no MTP target, and reads
     # padding (token 0), like every position past T - k at depth k.
     mtp_out = model.mtp_forward(targets_BT.at[:, -1].set(0), out.hidden_BTD)
-  return terms(out, mtp_out, targets_BT, mtp_lambda, balance_alpha)
+  return terms(model.head, out, mtp_out, targets_BT, mtp_lambda, balance_alpha, model.rt.head_chunk)

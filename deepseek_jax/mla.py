@@ -1,6 +1,7 @@
 """Multi-head Latent Attention (paper §2.1.1, Eq. 1-11; official inference/model.py `MLA`): the MHA form for
 training, the cached forms for prefill and decoding.
 
+Without a cache, the heads attend causally through attention.py (dense, blockwise flash, or TPU splash).
 Queries: `wq` (q_lora_rank == 0) or the low-rank `wq_a` -> `q_norm` -> `wq_b`. Keys and values come from a
 compressed latent: `wkv_a` yields the latent c (kv_lora_rank) and ONE decoupled k_pe shared by every head;
 `kv_norm(c)` is up-projected by `wkv_b` into per-head k_nope and v. Scores are
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax import attention
 from deepseek_jax import cache as kv
 from deepseek_jax.config import ModelConfig, Runtime
 from deepseek_jax.layers import Linear, RMSNorm
@@ -36,6 +38,7 @@ class MLA(nnx.Module):
   def __init__(self, cfg: ModelConfig, rt: Runtime, rngs: nnx.Rngs):
     self.cfg = cfg
     self.kv_block = rt.kv_block
+    self.attention, self.attention_block = rt.attention, rt.attention_block
     h, j, c, r = cfg.n_heads, cfg.qk_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     if cfg.q_lora_rank == 0:
       self.wq = Linear(cfg.dim, h * j, ('embed', 'heads'), cfg, rt, rngs)
@@ -78,7 +81,8 @@ class MLA(nnx.Module):
     c_BTC, k_pe_BTR = self.latent(x_BTD, positions_BT)
     if cache is None:
       k_nope_BTHN, v_BTHV = self.up_project(c_BTC)
-      out_BTHV = causal_attention(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV, cfg.softmax_scale)
+      out_BTHV = attention.causal(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV, cfg.softmax_scale,
+                                  self.attention, self.attention_block)
     elif isinstance(cache, kv.NaiveCache):
       k_nope_BTHN, v_BTHV = self.up_project(c_BTC)
       k_pe_BTHR = jnp.broadcast_to(k_pe_BTR[:, :, None], (b, t, cfg.n_heads, cfg.qk_rope_head_dim))
@@ -93,18 +97,6 @@ class MLA(nnx.Module):
                                     self.kv_block)[..., :cfg.kv_lora_rank]  # FP8 latents are padded to 128
       out_BTHV = jnp.einsum('bthc,chv->bthv', o_lat_BTHC, w_uv_CHV)
     return self.wo(out_BTHV.reshape(b, t, cfg.n_heads * cfg.v_head_dim)), cache
-
-
-def causal_attention(q_nope_BTHN, q_pe_BTHR, k_nope_BSHN, k_pe_BSR, v_BSHV, scale):
-  """softmax(scale * (q_nope.k_nope + q_pe.k_pe) + causal mask) @ v, with T == S and float32 softmax."""
-  f32 = jnp.float32
-  scores_BHTS = (jnp.einsum('bthn,bshn->bhts', q_nope_BTHN, k_nope_BSHN, preferred_element_type=f32) +
-                 jnp.einsum('bthr,bsr->bhts', q_pe_BTHR, k_pe_BSR, preferred_element_type=f32)) * scale
-  t, s = scores_BHTS.shape[-2:]
-  causal_TS = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
-  scores_BHTS = jnp.where(causal_TS, scores_BHTS, -jnp.inf)
-  probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHV.dtype)
-  return jnp.einsum('bhts,bshv->bthv', probs_BHTS, v_BSHV)
 
 
 def cached_attention(q_a_BTHA, q_pe_BTHR, cache: kv.LayerCache, positions_BT, scale, kv_block: int):

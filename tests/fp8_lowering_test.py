@@ -1,5 +1,5 @@
 """Every FP8 kernel lowers for TPU (Mosaic) and, where it has a Triton body, for CUDA, at DeepSeek-V3's shapes; so
-does the 4-bit expert GEMM (TPU).
+do the 4-bit expert GEMM and MLA's splash attention, forward and backward (TPU).
 
 Lowering runs the Pallas -> Mosaic / Triton lowering on CPU from shapes alone: block-shape rule violations
 (TPU (8, 128) tiles, Triton powers of two) surface here rather than on a user's accelerator. It does not
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from absl.testing import parameterized
 
+from deepseek_jax import attention
 from pallas_kernels import act_quant, block_gemm, grouped_gemm, quant4_gemm, transpose_quant, weight_quant
 
 F8, F32 = jnp.float8_e4m3fn, jnp.float32
@@ -66,6 +67,14 @@ class LoweringTest(parameterized.TestCase):
     lower(lambda xs, codes, scales, ex: quant4_gemm.pallas(xs, codes, scales, ex, fmt), 'tpu',
           spec((c, x, a), jnp.bfloat16), spec((256, a // 2, o), jnp.uint8), spec((256, a // group, o), scale_dtype),
           spec((c,), jnp.int32))
+
+  @parameterized.parameters(4096, 32768)
+  def test_splash_attention_tpu(self, t):
+    # V3's 128 heads, q/k width 128 + 64, values 128: the training step's attention and its gradients.
+    b, h = 1, 128
+    specs = [spec(s, jnp.bfloat16) for s in ((b, t, h, 128), (b, t, h, 64), (b, t, h, 128), (b, t, 64), (b, t, h, 128))]
+    grad = jax.grad(lambda *a: jnp.sum(attention.splash(*a, 192 ** -0.5).astype(F32)), argnums=tuple(range(5)))
+    lower(grad, 'tpu', *specs)
 
   def test_tpu7x_native_fp8_lowers(self):
     # On TPU7x the MXU takes e4m3 directly (no bf16 upcast in VMEM).

@@ -6,8 +6,9 @@ import numpy as np
 from absl.testing import parameterized
 from flax import nnx
 
-from deepseek_jax.config import PRESETS
-from deepseek_jax.loss import balance_loss, loss_fn
+from deepseek_jax.config import PRESETS, Runtime
+from deepseek_jax.layers import Linear
+from deepseek_jax.loss import balance_loss, cross_entropy, head_cross_entropy, loss_fn
 from deepseek_jax.moe import MoEStats
 from tests.helpers import forward, mtp_forward, random_model
 
@@ -22,10 +23,11 @@ def ce(logits, targets):
 
 class LossTest(parameterized.TestCase):
 
-  @parameterized.parameters(1, 2)
-  def test_matches_reference(self, depth):
+  # head_chunk 5: the 36 positions in 8 chunks, the last padded; 1024: one chunk
+  @parameterized.product(depth=(1, 2), head_chunk=(1024, 5))
+  def test_matches_reference(self, depth, head_chunk):
     cfg = TINY.replace(n_mtp_layers=depth)
-    model = random_model(cfg, seed=0)
+    model = random_model(cfg, seed=0, rt=Runtime(head_chunk=head_chunk))
     seq = np.asarray(jax.random.randint(jax.random.key(1), (3, 13), 0, cfg.vocab_size))
     lam, alpha = 0.3, 0.01
     terms = nnx.jit(lambda m, s: loss_fn(m, s, mtp_lambda=lam, balance_alpha=alpha))(model, jnp.asarray(seq))
@@ -53,6 +55,29 @@ class LossTest(parameterized.TestCase):
                       **{f'mtp/{k}/block/ffn': (cfg.n_routed_experts,) for k in range(depth)}})
     for counts in terms.expert_counts.values():
       np.testing.assert_array_equal(counts.sum(-1), 3 * 12 * cfg.n_activated_experts)
+
+  def test_chunked_head_gradients_and_memory(self):
+    cfg = TINY.replace(vocab_size=4096, dim=64)
+    head = Linear(cfg.dim, cfg.vocab_size, ('embed', 'vocab'), cfg, Runtime(), nnx.Rngs(0), quantize=False)
+    graphdef, kernel = nnx.split(head)
+    hidden = jax.random.normal(jax.random.key(0), (4, 512, cfg.dim)) * 3
+    targets = jax.random.randint(jax.random.key(1), (4, 512), 0, cfg.vocab_size)
+    mask = jax.random.uniform(jax.random.key(2), (4, 512)) > 0.3
+
+    def grad(loss):
+      return jax.jit(jax.value_and_grad(lambda k, h: loss(nnx.merge(graphdef, k), h), argnums=(0, 1)))
+
+    chunked = grad(lambda m, h: head_cross_entropy(m, h, targets, mask, chunk=120))  # 2048 rows: 18 chunks
+    whole = grad(lambda m, h: cross_entropy(m(h), targets, mask))
+    got, want = chunked(kernel, hidden), whole(kernel, hidden)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())  # fp32, summation order only
+    # The [2048, 4096] fp32 logits (32 MB) exist in the unchunked step; the chunked one holds a few chunks'
+    # worth ([120, 4096]: 2 MB, the logits and their exponentials), never all of them.
+    logits_bytes, chunk_bytes = 4 * 512 * 4096 * 4, 120 * 4096 * 4
+    temporaries = lambda f: f.lower(kernel, hidden).compile().memory_analysis().temp_size_in_bytes
+    self.assertGreater(temporaries(whole), logits_bytes)
+    self.assertLess(temporaries(chunked), 3 * chunk_bytes)
 
   def test_balance_gradient_only_through_p(self):
     load = jnp.array([[[2.0, 0.0, 1.0]]])
