@@ -7,10 +7,14 @@ in their stored form and dequantized after), `matmul` multiplies each group by i
 copies M = X * K, not with E:
 - 'ragged_dot' (TPU): copies sorted by expert, `jax.lax.ragged_dot` (a native grouped GEMM there). XLA:CPU
   expands ragged_dot into a dense masked product over every group (cost x E), so it is not used on CPU.
-- 'tiled' (CPU, GPU): each expert's copies padded to a multiple of a row tile; every tile multiplies by its
-  expert's weight in one batched matmul. A custom VJP recomputes the per-tile weight gather in the backward
-  pass instead of storing it, and sums the weight gradient per expert. Work is (M + E * tile) * A * O with
-  tiles of 128-256 rows (XLA:CPU runs smaller batched matmuls far below its dense speed).
+- 'host' (CPU): the same sorted layout, each expert's rows times its weight in one BLAS call on the host
+  (host_gmm.py): exactly M * A * O multiply-adds for any E.
+- 'tiled' (GPU, and the FP8 recipe everywhere: it quantizes whole 128-row tiles): each expert's copies
+  padded to a multiple of a row tile; every tile multiplies by its expert's weight in one batched matmul. A
+  custom VJP recomputes the per-tile weight gather in the backward pass instead of storing it, and sums the
+  weight gradient per expert. Work is (M + E * tile) * A * O with tiles of 128-256 rows (XLA:CPU runs
+  smaller batched matmuls far below its dense speed): 2x the ideal at 64 experts, 5x at 256 on the demo's
+  8,192 copies (bench/train_throughput.py).
 Decoding, where a step is bound by the bytes of expert weights it reads (each expert's once at best):
 - 'dense': the C = min(E, M) candidate experts (the distinct experts the copies chose, padded to a static C
   with an unused id; all E when M >= E, with no gather) are read once each, and every token multiplies by
@@ -21,7 +25,7 @@ Decoding, where a step is bound by the bytes of expert weights it reads (each ex
 'auto' (measured on the demo shapes, 16 experts top-4, docs/benchmarks.md "Decoding"): gather while M < E
 (the copies are nearly all distinct experts: gather reads about the minimum and needs no sort), dense once
 M >= E up to DENSE_ROWS tokens (every expert is likely touched: each read once, no copy), else ragged_dot on
-TPU and tiled elsewhere. On CPU dense overtakes gather from 8 tokens on (the rows table there).
+TPU, host on CPU and tiled elsewhere. On CPU dense overtakes gather from 8 tokens on (the rows table there).
 
 Letters beyond model.py's key: A / O the input / output features of an expert weight, Y row tiles, Z the rows
 of one tile, C the candidate experts of the dense layout.
@@ -34,9 +38,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import host_gmm
 from pallas_kernels.fp8_linear import fp8_grouped_linear
 
-IMPLS = ('auto', 'ragged_dot', 'tiled', 'dense', 'gather')
+IMPLS = ('auto', 'ragged_dot', 'host', 'tiled', 'dense', 'gather')
 # 'auto' multiplies every token by every expert up to this many tokens: dense's X * E rows of work stay below
 # tiled's M + E * tile padded rows (tile >= 128) up to X = 170 at 16 experts top-4 and X = 132 at V3's 256 top-8;
 # measured on CPU (demo run, 32 rows speculative = 64 tokens a step): dense 26 ms a step, tiled 48.
@@ -44,8 +49,8 @@ DENSE_ROWS = 128
 
 
 def resolve(impl: str, x: int, k: int, n_experts: int) -> str:
-  """'auto' for x tokens with k experts each: gather or dense at decode sizes, else ragged_dot on TPU and
-  tiled elsewhere."""
+  """'auto' for x tokens with k experts each: gather or dense at decode sizes, else ragged_dot on TPU, host
+  on CPU, tiled elsewhere."""
   if impl not in IMPLS:
     raise ValueError(f'gmm impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
@@ -53,7 +58,7 @@ def resolve(impl: str, x: int, k: int, n_experts: int) -> str:
       return 'gather'
     if x <= DENSE_ROWS:
       return 'dense'
-    return 'ragged_dot' if jax.default_backend() == 'tpu' else 'tiled'
+    return {'tpu': 'ragged_dot', 'cpu': 'host'}.get(jax.default_backend(), 'tiled')
   return impl
 
 
@@ -91,7 +96,7 @@ def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
   order_M = jnp.argsort(flat_M, stable=True)  # copies grouped by expert
   group_sizes_E = jnp.bincount(flat_M, length=n_experts).astype(jnp.int32)
   rank_M = jnp.arange(m, dtype=jnp.int32)
-  if impl == 'ragged_dot':
+  if impl in ('ragged_dot', 'host'):
     slot_M = jnp.zeros_like(rank_M).at[order_M].set(rank_M)
     return Dispatch(impl, x, (order_M // k).astype(jnp.int32), slot_M, group_sizes_E, None)
   tile = tile_rows(m, n_experts)
@@ -153,11 +158,21 @@ def matmul(d: Dispatch, rows_UA, w_read, recipe=None):
     return fp8_grouped_linear(rows_UA, w_read, d.tile_expert, recipe)
   if d.impl == 'ragged_dot':
     return jax.lax.ragged_dot(rows_UA, w_read, d.group_sizes_E)
+  if d.impl == 'host':
+    return host_gmm.matmul(rows_UA, (w_read,), d.group_sizes_E)[0]
   if d.impl == 'gather':
     return jnp.einsum('ma,mao->mo', rows_UA, w_read)
   if d.impl == 'dense':  # one batched GEMM over the candidates: no weight is copied or transposed
     return jnp.einsum('cxa,cao->cxo', rows_UA, w_read)
   return tiled_matmul(rows_UA, w_read, d.tile_expert)
+
+
+def matmuls(d: Dispatch, rows_UA, ws_read, recipe=None) -> tuple[jax.Array, ...]:
+  """`matmul` of the same rows by several weights (SwiGLU's w1 and w3): the host layout takes the rows to
+  the host once for all of them."""
+  if d.impl == 'host' and recipe is None:
+    return host_gmm.matmul(rows_UA, tuple(ws_read), d.group_sizes_E)
+  return tuple(matmul(d, rows_UA, w, recipe) for w in ws_read)
 
 
 def matmul4(d: Dispatch, rows_UA, codes_EPO, scales_EGO, fmt: str, impl: str):

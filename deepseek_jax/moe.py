@@ -8,7 +8,6 @@ a token it was not chosen for; nothing is dropped. The layer also returns what t
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -99,9 +98,9 @@ class RoutedExperts(nnx.Module):
       h_UI = jax.nn.silu(matmul(rows_UD, 0)) * matmul(rows_UD, 2)
       return gm.combine(dispatch, matmul(h_UI, 1), weights_XK)
     w1, w2, w3 = self._weights(dispatch, stored)
-    matmul = functools.partial(gm.matmul, dispatch, recipe=self.recipe)
-    h_UI = jax.nn.silu(matmul(rows_UD, w1)) * matmul(rows_UD, w3)
-    return gm.combine(dispatch, matmul(h_UI, w2), weights_XK)
+    gate_UI, up_UI = gm.matmuls(dispatch, rows_UD, (w1, w3), self.recipe)
+    h_UI = jax.nn.silu(gate_UI) * up_UI
+    return gm.combine(dispatch, gm.matmul(dispatch, h_UI, w2, self.recipe), weights_XK)
 
 
 class MoE(nnx.Module):

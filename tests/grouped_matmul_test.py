@@ -7,6 +7,7 @@ import numpy as np
 from absl.testing import parameterized
 
 from deepseek_jax import grouped_matmul as gm
+from deepseek_jax import host_gmm
 
 
 def routed_ffn(x_XD, experts_XK, weights_XK, w_EDO, impl):
@@ -32,13 +33,13 @@ def problem(key, x=40, k=3, d=24, o=16, e=6):
 class DispatchTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters('tiled', 'ragged_dot', 'gather', 'dense')
+  @parameterized.parameters('host', 'tiled', 'ragged_dot', 'gather', 'dense')
   def test_matches_reference(self, impl):
     x, experts, weights, w = problem(jax.random.key(0))
     got = self.variant(lambda *a: routed_ffn(*a, impl))(x, experts, weights, w)
     np.testing.assert_allclose(got, reference_ffn(x, experts, weights, w), rtol=1e-5, atol=1e-3)
 
-  @parameterized.parameters('tiled', 'ragged_dot', 'gather', 'dense')
+  @parameterized.parameters('host', 'tiled', 'ragged_dot', 'gather', 'dense')
   def test_gradients(self, impl):
     x, experts, weights, w = problem(jax.random.key(1))
     cot = jax.random.normal(jax.random.key(2), (x.shape[0], w.shape[-1]))
@@ -48,7 +49,7 @@ class DispatchTest(parameterized.TestCase):
     for g, r in zip(got, want):
       np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-3)
 
-  @parameterized.parameters('tiled', 'ragged_dot', 'gather', 'dense')
+  @parameterized.parameters('host', 'tiled', 'ragged_dot', 'gather', 'dense')
   def test_copies_for_other_devices_are_left_out(self, impl):
     # Expert parallelism: this device holds experts 0-2 of 6; ids 3-5 arrive as 3 ("elsewhere") with a zero
     # gate weight and must contribute nothing, in value or gradient.
@@ -69,6 +70,38 @@ class DispatchTest(parameterized.TestCase):
     want = jnp.concatenate([rows[:4] @ w[0], rows[4:] @ w[2]])
     np.testing.assert_allclose(gm.reference_matmul(rows, w, sizes), want, rtol=1e-6)
     np.testing.assert_allclose(jax.lax.ragged_dot(rows, w, sizes), want, rtol=1e-6)
+
+  def test_host_multiplies_each_copy_once(self):
+    # Every product the host callbacks run, counted in one forward + backward: exactly the routed copies this
+    # device holds (no padding rows, nothing for the copies of other devices' experts), x 3 GEMMs.
+    x, experts, weights, w = problem(jax.random.key(6), x=300, e=64)
+    experts = jax.random.randint(jax.random.key(7), experts.shape, 0, 80)  # ids 64-79: elsewhere
+    weights = jnp.where(experts < 64, weights, 0.0)
+    counted, gemm = [], host_gmm._gemm
+
+    def counting(a, b, out=None):
+      counted.append(a.shape[0] * a.shape[1] * b.shape[1])
+      return gemm(a, b, out)
+
+    host_gmm._gemm = counting
+    try:
+      jax.block_until_ready(jax.jit(jax.grad(lambda *a: routed_ffn(*a, 'host').sum(), argnums=(0, 2, 3)))(
+          x, experts, weights, w))
+    finally:
+      host_gmm._gemm = gemm
+    mine = int((experts < 64).sum())
+    self.assertLess(mine, experts.size)
+    self.assertEqual(sum(counted), 3 * mine * w.shape[1] * w.shape[2])
+
+  def test_host_bf16_and_vmap(self):
+    x, experts, weights, w = problem(jax.random.key(8))
+    want = reference_ffn(x, experts, weights, w)
+    got = jax.jit(lambda *a: routed_ffn(*a, 'host'))(x.astype(jnp.bfloat16), experts, weights, w.astype(jnp.bfloat16))
+    self.assertEqual(got.dtype, jnp.bfloat16)
+    # bf16 rounding of the operands and the output (8 bits of mantissa): 2% of the largest output.
+    np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.02 * float(jnp.abs(want).max()))
+    two = jax.vmap(lambda w: routed_ffn(x, experts, weights, w, 'host'))(jnp.stack([w, -2 * w]))
+    np.testing.assert_allclose(two[1], -2 * want, rtol=1e-5, atol=1e-3)
 
   @parameterized.parameters((3, 2), (5, 3), (1, 4))
   def test_dense_candidates_when_copies_are_fewer_than_experts(self, x, k):
@@ -104,7 +137,7 @@ class DispatchTest(parameterized.TestCase):
     self.assertEqual(gm.resolve('auto', 1, 4, 16), 'gather')  # decoding one row: 4 of 16 experts
     self.assertEqual(gm.resolve('auto', 8, 4, 16), 'dense')  # 32 copies of 16 experts
     self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS, 8, 256), 'dense')
-    self.assertIn(gm.resolve('auto', 2048, 4, 16), ('tiled', 'ragged_dot'))
+    self.assertIn(gm.resolve('auto', 2048, 4, 16), ('host', 'tiled', 'ragged_dot'))
 
   def test_tile_padding_bound(self):
     for m, g in [(8192, 16), (64, 8), (4096, 256), (100, 3), (10**6, 8)]:

@@ -43,7 +43,7 @@ def official_moe(moe, x_XD, cfg):
 
 class MoETest(parameterized.TestCase):
 
-  @parameterized.product(impl=('tiled', 'ragged_dot', 'gather'), gate=tuple(GATES))
+  @parameterized.product(impl=('host', 'tiled', 'ragged_dot', 'gather'), gate=tuple(GATES))
   def test_matches_official_loop(self, impl, gate):
     cfg = GATES[gate]
     moe = make_moe(cfg, rt=Runtime(gmm_impl=impl))

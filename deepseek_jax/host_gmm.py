@@ -1,0 +1,121 @@
+"""The grouped matmul on the CPU backend: each expert's rows times its weight in one BLAS call, on the host.
+
+XLA:CPU has no grouped GEMM: it expands `lax.ragged_dot` into a dense masked product over every group (work
+x E), and rows padded per expert to 128-256-row tiles add E x tile rows of work, while smaller tiles run its
+batched matmul far below dense speed. A loop over experts that hands each one its c_e sorted rows does
+exactly M x A x O multiply-adds for any E, the loop the official `MoE.forward` and transformers' eager
+`DeepseekV3MoE` run. `matmul(rows_MA, ws, group_sizes_E)` takes several weights sharing the rows (w1 and w3
+of SwiGLU) so the rows cross into the host once. A custom VJP runs the backward pass the same way: d_rows
+= sum_j dy_j @ w_j[e]^T and dw_j[e] = rows^T dy_j over each expert's rows.
+
+Operands cross as fp32 (numpy's bf16 matmul has no BLAS path): bf16 inputs are cast up before and the
+results cast down after, fp32 accumulation as XLA's bf16 dots on CPU. Rows past sum(group_sizes_E)
+(copies computed on another device under expert parallelism) come out zero, as `lax.ragged_dot`'s do.
+The callback's multiply-adds are not in XLA's `cost_analysis()`: they are M x A x O per weight by
+construction.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import threadpoolctl
+
+
+def _host(array) -> np.ndarray:
+  # The callback receives jax arrays; from_dlpack views their CPU buffers (np.asarray copies them, and
+  # slicing a jax array dispatches a device op per slice).
+  return np.from_dlpack(array)
+
+
+@functools.cache
+def _blas() -> threadpoolctl.ThreadpoolController:
+  return threadpoolctl.ThreadpoolController()
+
+
+def _one_blas_thread(fn):
+  """Run fn with numpy's BLAS on one thread. XLA:CPU runs other ops (and other callbacks) beside a callback:
+  measured on the demo model's loss and gradient at 8 experts (2 cores), 1,197 ms with a 2-thread OpenBLAS
+  against 966 ms with one thread."""
+  @functools.wraps(fn)
+  def run(*args):
+    with _blas().limit(limits=1, user_api='blas'):
+      return fn(*args)
+  return run
+
+
+def _gemm(a_ZA, b_AO, out=None):
+  """Every product the host loop runs (one place to count them: bench/train_throughput.py does)."""
+  return np.matmul(a_ZA, b_AO, out=out)
+
+
+def _segments(group_sizes_E):
+  ends_E = np.cumsum(np.asarray(group_sizes_E, np.int64))
+  return [(e, int(end - size), int(end)) for e, (size, end) in enumerate(zip(np.asarray(group_sizes_E), ends_E))
+          if size > 0]
+
+
+@_one_blas_thread
+def _forward_host(rows_MA, group_sizes_E, *ws_EAO):
+  rows_MA, segments = _host(rows_MA), _segments(group_sizes_E)
+  filled = segments[-1][2] if segments else 0
+  outs = []
+  for w_EAO in map(_host, ws_EAO):
+    out_MO = np.empty((rows_MA.shape[0], w_EAO.shape[-1]), np.float32)
+    out_MO[filled:] = 0
+    for e, start, end in segments:
+      _gemm(rows_MA[start:end], w_EAO[e], out=out_MO[start:end])
+    outs.append(out_MO)
+  return tuple(outs)
+
+
+@_one_blas_thread
+def _backward_host(rows_MA, group_sizes_E, *ws_and_cotangents):
+  rows_MA, segments = _host(rows_MA), _segments(group_sizes_E)
+  n = len(ws_and_cotangents) // 2
+  ws_EAO, dys_MO = list(map(_host, ws_and_cotangents[:n])), list(map(_host, ws_and_cotangents[n:]))
+  d_rows_MA = np.zeros(rows_MA.shape, np.float32)
+  d_ws = [np.zeros(w_EAO.shape, np.float32) for w_EAO in ws_EAO]  # experts with no rows: zero gradient
+  for e, start, end in segments:
+    rows_ZA = rows_MA[start:end]
+    for w_EAO, dy_MO, d_w_EAO in zip(ws_EAO, dys_MO, d_ws):
+      d_rows_MA[start:end] += _gemm(dy_MO[start:end], w_EAO[e].T)
+      _gemm(rows_ZA.T, dy_MO[start:end], out=d_w_EAO[e])
+  return (d_rows_MA, *d_ws)
+
+
+def _call(fn, shapes, *args):
+  out = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+  return jax.pure_callback(fn, out, *args, vmap_method='sequential')
+
+
+@jax.custom_vjp
+def _matmul_f32(rows_MA, ws_EAO, group_sizes_E):
+  shapes = [(rows_MA.shape[0], w.shape[-1]) for w in ws_EAO]
+  return tuple(_call(_forward_host, shapes, rows_MA, group_sizes_E, *ws_EAO))
+
+
+def _fwd(rows_MA, ws_EAO, group_sizes_E):
+  return _matmul_f32(rows_MA, ws_EAO, group_sizes_E), (rows_MA, ws_EAO, group_sizes_E)
+
+
+def _bwd(residuals, d_outs):
+  rows_MA, ws_EAO, group_sizes_E = residuals
+  grads = _call(_backward_host, [rows_MA.shape] + [w.shape for w in ws_EAO], rows_MA, group_sizes_E, *ws_EAO,
+                *d_outs)
+  return grads[0], tuple(grads[1:]), None
+
+
+_matmul_f32.defvjp(_fwd, _bwd)
+
+
+def matmul(rows_MA, ws_EAO, group_sizes_E):
+  """(rows of expert e @ w[e] for w in ws_EAO) on expert-sorted rows: group e is the next group_sizes_E[e]
+  rows; rows past the groups give zeros."""
+  dtypes = [jnp.result_type(rows_MA, w) for w in ws_EAO]
+  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+  outs = _matmul_f32(f32(rows_MA), tuple(map(f32, ws_EAO)), group_sizes_E.astype(jnp.int32))
+  return tuple(o.astype(dt) for o, dt in zip(outs, dtypes))
