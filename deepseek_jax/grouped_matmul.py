@@ -70,7 +70,7 @@ def tile_rows(m: int, g: int) -> int:
 
 
 class Dispatch(NamedTuple):
-  """Where each routed copy goes. ragged_dot: slot_M = rank in expert-sorted order; tiled: padded slot;
+  """Where each routed copy goes. ragged_dot, host: slot_M = rank in expert-sorted order; tiled: padded slot;
   dense: the copy's candidate."""
   impl: str
   n_tokens: int

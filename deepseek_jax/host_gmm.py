@@ -17,6 +17,7 @@ construction.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -48,8 +49,26 @@ def _one_blas_thread(fn):
 
 
 def _gemm(a_ZA, b_AO, out=None):
-  """Every product the host loop runs (one place to count them: bench/train_throughput.py does)."""
+  """Every product the host loop runs (one place to count them: `counting_multiply_adds`)."""
   return np.matmul(a_ZA, b_AO, out=out)
+
+
+@contextlib.contextmanager
+def counting_multiply_adds():
+  """Yields a one-element list that sums the multiply-adds of every product the host loop runs inside the
+  block (XLA's cost analysis does not see into a callback; bench/train_throughput.py and the tests count)."""
+  global _gemm
+  count, gemm = [0], _gemm
+
+  def counted(a_ZA, b_AO, out=None):
+    count[0] += a_ZA.shape[0] * a_ZA.shape[1] * b_AO.shape[1]
+    return gemm(a_ZA, b_AO, out)
+
+  _gemm = counted
+  try:
+    yield count
+  finally:
+    _gemm = gemm
 
 
 def _segments(group_sizes_E):
