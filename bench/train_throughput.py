@@ -12,14 +12,13 @@ Writes its table into docs/benchmarks.md (section "Training throughput").
 import dataclasses
 import functools
 import os
-import statistics
 import sys
-import time
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.report import replace_section  # noqa: E402
+from bench.timing import median_step_seconds  # noqa: E402
 
 _BATCH = flags.DEFINE_integer('batch', 16, 'Sequences per step.')
 _SEQ = flags.DEFINE_integer('seq', 128, 'Tokens per sequence.')
@@ -27,21 +26,6 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (median reported) after 2
 _EXPERTS = flags.DEFINE_list('experts', ['8', '16', '32', '64'], 'Routed expert counts for the scaling sweep.')
 _FLOPS_EXPERTS = flags.DEFINE_list('flops_experts', ['8', '16', '32', '64', '256'],
                                    'Routed expert counts for the MoE FLOPs table.')
-
-
-def median_step_seconds(runs: dict, steps: int) -> dict:
-  """Median seconds of each step function, timed in turn (one step of each per round, after 2 warm-up
-  steps each), so a drift in the machine's speed falls on all of them alike."""
-  for run_step in runs.values():
-    for _ in range(2):
-      run_step()
-  times = {name: [] for name in runs}
-  for _ in range(steps):
-    for name, run_step in runs.items():
-      start = time.perf_counter()
-      run_step()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def ours(cfg, rt, tokens):
@@ -158,7 +142,8 @@ def main(argv):
       f'Command: `python bench/train_throughput.py --batch={b} --seq={t} --steps={steps}` on this machine '
       f'({os.cpu_count()} CPU cores; jax {__import__("jax").__version__}, torch {torch.__version__}). One '
       f'training step = forward + backward + AdamW on a batch of {b} x {t} tokens; median of {steps} steps '
-      'after 2 warm-up steps, both frameworks in one process, the steps of each table timed in turn. Model: '
+      'after 2 warm-up steps, both frameworks in one process, the steps of each table timed in turn, each after '
+      '0.5 s idle (bench/timing.py: PyTorch\'s threads spin after its ops). Model: '
       'the demo training config (`demo` preset: '
       f'dim {base.dim}, {base.n_layers} layers: {base.n_dense_layers} dense + {base.n_moe_layers} MoE, '
       f'{base.n_routed_experts} routed experts top-{base.n_activated_experts} in {base.n_expert_groups} groups, '

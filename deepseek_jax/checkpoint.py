@@ -34,11 +34,24 @@ class Restored(NamedTuple):
   skipped: list[str]  # 'step N: why', newest first: the damaged checkpoints passed over
 
 
+def _whole_shards_on_cpu():
+  """Orbax's replica-parallel save writes 1/n of a replicated array from each of its n replicas, slicing each
+  on device first: on the CPU backend every "device" shares one host, so the slices spread no work and each is
+  a small compiled program of its own (a 3-step run on a 2 x 2 x 2 CPU mesh: 1,131 slices, its save 8.5 s
+  instead of 0.85 s). Orbax already turns it off on GPU; TPU keeps it."""
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(handler, '_use_replica_parallel', False):
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
   """Async saves every few steps, keeps the newest `keep`, restores the newest readable one."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = directory
+    if jax.default_backend() == 'cpu':
+      _whole_shards_on_cpu()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta'))
 

@@ -13,6 +13,7 @@ every MoE layer ride along, keyed by layer path, for the aux-loss-free bias upda
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, NamedTuple
 
 import jax
@@ -41,25 +42,72 @@ def cross_entropy(logits_BTW, targets_BT, mask_BT=None):
 
 
 def head_cross_entropy(head, hidden_BTD, targets_BT, mask_BT=None, chunk: int = 1024):
-  """cross_entropy(head(hidden), targets, mask) without the [B, T, vocab] logits: `chunk` tokens at a time
-  in a scan whose body is rematerialized (jax.checkpoint), so the backward pass recomputes each chunk's
-  logits from its hidden rows and only [chunk, vocab] exists at once; the head's weight gradient
-  accumulates over the chunks. A batch of one chunk keeps its logits for the backward pass instead."""
+  """cross_entropy(head(hidden), targets, mask) without the [B, T, vocab] logits: `chunk` tokens at a time,
+  so only [chunk, vocab] exists at once (`_masked_ce_sum`)."""
   b, t, d = hidden_BTD.shape
-  x, n = b * t, -(-(b * t) // chunk)
-  mask_X = jnp.ones((x,), jnp.float32) if mask_BT is None else mask_BT.reshape(x).astype(jnp.float32)
+  mask_X = jnp.ones((b * t,), jnp.float32) if mask_BT is None else mask_BT.reshape(b * t).astype(jnp.float32)
+  total = _masked_ce_sum(hidden_BTD.reshape(b * t, d), head.dense_weight(), targets_BT.reshape(b * t), mask_X,
+                         chunk)
+  return total / jnp.maximum(mask_X.sum(), 1.0)
 
-  def ce(hidden_LD, targets_L):
-    return optax.softmax_cross_entropy_with_integer_labels(head(hidden_LD).astype(jnp.float32), targets_L)
 
-  if n == 1:
-    ce_X = ce(hidden_BTD.reshape(x, d), targets_BT.reshape(x))
-  else:
-    pad = n * chunk - x  # padded rows: target 0, mask 0
-    hidden_NLD = jnp.pad(hidden_BTD.reshape(x, d), ((0, pad), (0, 0))).reshape(n, chunk, d)
-    targets_NL = jnp.pad(targets_BT.reshape(x), (0, pad)).reshape(n, chunk)
-    ce_X = jax.lax.map(lambda a: jax.checkpoint(ce)(*a), (hidden_NLD, targets_NL)).reshape(-1)[:x]
-  return (ce_X * mask_X).sum() / jnp.maximum(mask_X.sum(), 1.0)
+def _chunks(chunk: int, *arrays_X):
+  """[X, ...] arrays as [N, L, ...] chunks of L = min(chunk, X) rows, padded with zeros (padded rows: target
+  0, mask 0)."""
+  chunk = min(chunk, arrays_X[0].shape[0])
+  n = -(-arrays_X[0].shape[0] // chunk)
+  pad = lambda a: jnp.pad(a, [(0, n * chunk - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+  return [pad(a).reshape(n, chunk, *a.shape[1:]) for a in arrays_X]
+
+
+def _chunk_logits(h_LD, w_DW):
+  # The head's product as `Linear` runs it (compute dtype), the softmax in float32.
+  return jnp.dot(h_LD.astype(w_DW.dtype), w_DW).astype(jnp.float32)
+
+
+def _chunk_ce(logits_LW, targets_L):
+  return optax.softmax_cross_entropy_with_integer_labels(logits_LW, targets_L)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _masked_ce_sum(hidden_XD, w_DW, targets_X, mask_X, chunk):
+  """sum_x mask[x] * CE(hidden[x] @ w, targets[x]), one chunk of rows at a time."""
+  def add(total, args):
+    h_LD, targets_L, mask_L = args
+    return total + (_chunk_ce(_chunk_logits(h_LD, w_DW), targets_L) * mask_L).sum(), None
+
+  return jax.lax.scan(add, jnp.zeros((), jnp.float32), _chunks(chunk, hidden_XD, targets_X, mask_X))[0]
+
+
+def _masked_ce_sum_fwd(hidden_XD, w_DW, targets_X, mask_X, chunk):
+  """The sum and its gradients in one pass over the chunks, while each chunk's logits exist: d logits =
+  mask * (softmax - onehot), d hidden = d logits @ w^T, d w = sum over chunks of hidden^T @ d logits (float32).
+  The loss is a sum, so its backward pass only scales these by the cotangent: no chunk's logits are
+  recomputed (a rematerialized scan computes each twice) and the residuals are [X, D] and [D, vocab]."""
+  def step(carry, args):
+    total, d_w_DW = carry
+    h_LD, targets_L, mask_L = args
+    logits_LW = _chunk_logits(h_LD, w_DW)
+    total += (_chunk_ce(logits_LW, targets_L) * mask_L).sum()
+    d_logits_LW = (jax.nn.softmax(logits_LW) - jax.nn.one_hot(targets_L, logits_LW.shape[-1])) * mask_L[:, None]
+    d_logits_LW = d_logits_LW.astype(w_DW.dtype)
+    d_h_LD = jnp.dot(d_logits_LW, w_DW.T).astype(hidden_XD.dtype)
+    d_w_DW += jnp.dot(h_LD.astype(w_DW.dtype).T, d_logits_LW, preferred_element_type=jnp.float32)
+    return (total, d_w_DW), d_h_LD
+
+  zeros = (jnp.zeros((), jnp.float32), jnp.zeros(w_DW.shape, jnp.float32))
+  (total, d_w_DW), d_h_NLD = jax.lax.scan(step, zeros, _chunks(chunk, hidden_XD, targets_X, mask_X))
+  d_hidden_XD = d_h_NLD.reshape(-1, hidden_XD.shape[-1])[:hidden_XD.shape[0]]
+  return total, (d_hidden_XD, d_w_DW.astype(w_DW.dtype))
+
+
+def _masked_ce_sum_bwd(chunk, residuals, g):
+  del chunk
+  d_hidden_XD, d_w_DW = residuals
+  return (g * d_hidden_XD).astype(d_hidden_XD.dtype), (g * d_w_DW).astype(d_w_DW.dtype), None, None
+
+
+_masked_ce_sum.defvjp(_masked_ce_sum_fwd, _masked_ce_sum_bwd)
 
 
 def balance_loss(stats: MoEStats):

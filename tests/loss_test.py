@@ -69,9 +69,11 @@ class LossTest(parameterized.TestCase):
 
     chunked = grad(lambda m, h: head_cross_entropy(m, h, targets, mask, chunk=120))  # 2048 rows: 18 chunks
     whole = grad(lambda m, h: cross_entropy(m(h), targets, mask))
+    one_chunk = grad(lambda m, h: head_cross_entropy(m, h, targets, mask, chunk=1 << 30))  # not padded to 2^30
     got, want = chunked(kernel, hidden), whole(kernel, hidden)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())  # fp32, summation order only
+    for got in (got, one_chunk(kernel, hidden)):
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())  # fp32, summation order only
     # The [2048, 4096] fp32 logits (32 MB) exist in the unchunked step; the chunked one holds a few chunks'
     # worth ([120, 4096]: 2 MB, the logits and their exponentials), never all of them.
     logits_bytes, chunk_bytes = 4 * 512 * 4096 * 4, 120 * 4096 * 4
