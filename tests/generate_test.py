@@ -14,8 +14,9 @@ from flax import nnx
 
 from deepseek_jax import cache as kv
 from deepseek_jax import expert_parallel, held, sharding
+from deepseek_jax import generate as generate_lib
 from deepseek_jax.cache import CacheForm
-from deepseek_jax.config import BF16, PRESETS
+from deepseek_jax.config import BF16, PRESETS, Runtime
 from deepseek_jax.generate import generate
 from deepseek_jax.loss import cross_entropy
 from deepseek_jax.optimizer import adamw
@@ -78,6 +79,16 @@ class GenerateTest(parameterized.TestCase):
   def test_rows_do_not_affect_each_other(self):
     for prompt, tokens in zip(PROMPTS, self.greedy.tokens):
       self.assertEqual(generate(self.model, [prompt], 10).tokens[0], tokens)
+
+  def test_unrolled_model_reuses_its_unstacked_copy_until_its_weights_change(self):
+    rt = Runtime(scan_layers=False)
+    model, other = random_model(TINY, seed=3, rt=rt), random_model(TINY, seed=4, rt=rt)
+    self.assertEqual(generate(model, PROMPTS, 10).tokens, self.greedy.tokens)  # seed 3, as self.model
+    self.assertIs(generate_lib._unstacked(model), generate_lib._unstacked(model))
+    want = generate(other, PROMPTS, 10).tokens
+    self.assertNotEqual(want, self.greedy.tokens)
+    nnx.update(model, nnx.state(other))  # new arrays in the same model: its old copy must not be decoded
+    self.assertEqual(generate(model, PROMPTS, 10).tokens, want)
 
   @parameterized.parameters(CacheForm.NAIVE, CacheForm.ABSORBED)
   def test_cache_forms_agree(self, form):
