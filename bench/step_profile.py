@@ -8,7 +8,7 @@ Phases: the jitted loss (forward), loss + gradients (forward + backward), the wh
 router-bias update, metrics), timed in turn with transformers' forward, forward + backward, and step (+ torch
 AdamW, gradient clipping); backward = (forward + backward) - forward, update = step - (forward + backward).
 Kinds: our step under jax.profiler, each executed XLA op's time (summed over threads) classed by its HLO
-metadata (op_name): dot_general (XLA's matmuls), pure_callback (the CPU's grouped expert GEMMs, host_gmm.py),
+metadata (op_name): dot_general (XLA's matmuls), buffer_callback (the CPU's grouped expert GEMMs, host_gmm.py),
 the rest; transformers' step under torch.profiler, each aten op's self CPU time: mm / bmm / addmm / matmul
 kernels against the rest. Writes the "Training step, part by part" section of docs/benchmarks.md.
 """
@@ -106,7 +106,7 @@ def op_names(compiled) -> dict:
 
 
 def our_kinds(step, box, args, n: int) -> dict:
-  """Milliseconds per step of XLA ops by kind (dot_general, pure_callback, other), under jax.profiler."""
+  """Milliseconds per step of XLA ops by kind (dot_general, buffer_callback, other), under jax.profiler."""
   import jax
   from jax.profiler import ProfileData
   names = op_names(step)
@@ -123,7 +123,7 @@ def our_kinds(step, box, args, n: int) -> dict:
       for event in line.events:
         op = names.get(event.name)
         if op is not None:
-          kind = next((k for k in ('dot_general', 'pure_callback') if k in op.rsplit('/', 1)[-1]), 'other')
+          kind = next((k for k in ('dot_general', 'buffer_callback') if k in op.rsplit('/', 1)[-1]), 'other')
           ns[kind] += event.duration_ns
   return {kind: v / n / 1e6 for kind, v in ns.items()}
 
@@ -166,7 +166,7 @@ def main(argv):
                 for phase in ('forward', 'backward', 'update', 'step')]
   mine, hf = our_kinds(step, box, args, 3), hf_kinds(theirs['step'], 3)
   kind_rows = [f'| ours: XLA matmuls (dot_general) | {mine.get("dot_general", 0):.0f} |',
-               f'| ours: grouped expert GEMMs (host callbacks) | {mine.get("pure_callback", 0):.0f} |',
+               f'| ours: grouped expert GEMMs (host callbacks) | {mine.get("buffer_callback", 0):.0f} |',
                f'| ours: other XLA ops | {mine.get("other", 0):.0f} |',
                f'| transformers: matmul kernels (mm, bmm, addmm, baddbmm) | {hf.get("matmul", 0):.0f} |',
                f'| transformers: other aten ops | {hf.get("other", 0):.0f} |']

@@ -88,15 +88,22 @@ class DispatchTest(parameterized.TestCase):
     self.assertEqual(counted[0], 3 * mine * w.shape[1] * w.shape[2])
 
   def test_host_writes_every_output_element(self):
-    # The host loop allocates its outputs uninitialised: poisoned with NaN here, value and gradients must still
-    # equal the reference with experts that get no rows (1 and 4) and copies for another device's experts.
+    # The host loop writes into XLA's uninitialised output buffers: poisoned with NaN here, value and gradients
+    # must still equal the reference with experts that get no rows (1 and 4) and copies for another device's
+    # experts.
     x, experts, weights, w = problem(jax.random.key(9))
     mine = experts < 3
     local_experts, local_weights = jnp.where(mine, experts, 3), jnp.where(mine, weights, 0.0)
     loss = lambda f, x, w: jnp.sum(f(x, w) ** 2)
     host = lambda x, w3: routed_ffn(x, local_experts, local_weights, w3, 'host')
     reference = lambda x, w6: reference_ffn(x, jnp.where(mine, experts, 0), local_weights, w6)
-    with mock.patch.object(host_gmm, '_empty', lambda shape: np.full(shape, np.nan, np.float32)):
+    def poisoned(buffers):
+      views = [np.asarray(b) for b in buffers]
+      for view in views:
+        view[...] = np.nan
+      return views
+
+    with mock.patch.object(host_gmm, '_outputs', poisoned):
       got = jax.jit(jax.value_and_grad(functools.partial(loss, host), argnums=(0, 1)))(x, w[:3])
     want = jax.value_and_grad(functools.partial(loss, reference), argnums=(0, 1))(x, w)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
