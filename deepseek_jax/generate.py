@@ -92,9 +92,7 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
   tokens_BT = np.asarray([p + [0] * (t - len(p)) for p in prompts] + [[0] * t] * (rows - b), np.int32)
   live_B = np.arange(rows) < b
   stops = tuple(int(s) for s in stop_tokens)
-  # The model to decode with (per-layer weights when unrolled), split once and its GraphDef hashed once:
-  # nnx.jit would walk the graph, and jax.jit would hash the GraphDef (~1 ms), on every call.
-  decoder = model if model.rt.scan_layers else _unstacked(model)
+  decoder, graphdef, weights = _decoder(model)
   make_cache = lambda: decoder.init_cache(rows, t + max_new_tokens + 2, cache, cache_dtype)
   if mesh is None:
     kv_cache = make_cache()
@@ -102,8 +100,6 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
   else:  # each device builds only its rows of the cache
     kv_cache = jax.jit(make_cache, out_shardings=kv.shardings(jax.eval_shape(make_cache), mesh))()
     inputs = tuple(_on_rows(a, mesh) for a in (tokens_BT, lengths_B, live_B))
-  graphdef, weights = nnx.split(decoder)
-  graphdef = _Static(graphdef)
   # Traced under the mesh: the MoE layers see its 'expert' axis and dispatch over it (expert_parallel.py).
   on_mesh = (lambda: jax.set_mesh(mesh)) if mesh is not None else contextlib.nullcontext
   with on_mesh():
@@ -129,20 +125,25 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
                     int(accepted))
 
 
-# model -> (its weight arrays, its unstacked copy): a model decoded again with the same arrays (jax arrays are
-# immutable; an update puts new ones in) reuses its copy, held while the model lives. Measured on the demo's
-# shapes (fp32, 64 new tokens, 2 cores): a call at batch 1 took 70.6 ms unstacking each time, 48.6 ms reusing.
-_UNSTACKED = weakref.WeakKeyDictionary()
+# model -> (its weight arrays, (the model to decode with, its hashed GraphDef, its weights)): a model decoded
+# again with the same arrays (jax arrays are immutable; an update puts new ones in) reuses them, held while the
+# model lives. The decoder is the model itself, or for an unrolled one its per-layer copy; split once and the
+# GraphDef hashed once (jax.jit hashes a static argument on every call). Measured on the demo's shapes (fp32,
+# 64 new tokens, 2 cores): a call at batch 1 took 70.6 ms unstacking each time, 48.6 ms reusing the copy; held
+# split and hash, a 2-new-token call took 12.2 ms against 21.5 splitting each call (trained demo, median of 9).
+_DECODERS = weakref.WeakKeyDictionary()
 
 
-def _unstacked(model: DeepSeekV3) -> DeepSeekV3:
+def _decoder(model: DeepSeekV3) -> tuple[DeepSeekV3, '_Static', nnx.State]:
   arrays = jax.tree.leaves(nnx.state(model))
-  held = _UNSTACKED.get(model)
+  held = _DECODERS.get(model)
   if held is not None and len(held[0]) == len(arrays) and all(a is b for a, b in zip(held[0], arrays)):
-    return held[1]
-  decoder = model.unstacked()
-  _UNSTACKED[model] = (arrays, decoder)
-  return decoder
+    decoder, graphdef, weights = held[1]
+    return decoder or model, graphdef, weights
+  decoder = None if model.rt.scan_layers else model.unstacked()  # None: the model (a value must not hold its key)
+  graphdef, weights = nnx.split(decoder or model)
+  _DECODERS[model] = (arrays, (decoder, _Static(graphdef), weights))
+  return decoder or model, *_DECODERS[model][1][1:]
 
 
 def _placed(model: DeepSeekV3, mesh, allow_replicated: bool) -> DeepSeekV3:

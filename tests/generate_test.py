@@ -84,7 +84,8 @@ class GenerateTest(parameterized.TestCase):
     rt = Runtime(scan_layers=False)
     model, other = random_model(TINY, seed=3, rt=rt), random_model(TINY, seed=4, rt=rt)
     self.assertEqual(generate(model, PROMPTS, 10).tokens, self.greedy.tokens)  # seed 3, as self.model
-    self.assertIs(generate_lib._unstacked(model), generate_lib._unstacked(model))
+    self.assertIs(generate_lib._decoder(model)[0], generate_lib._decoder(model)[0])
+    self.assertIsNot(generate_lib._decoder(model)[0], model)  # its per-layer copy
     want = generate(other, PROMPTS, 10).tokens
     self.assertNotEqual(want, self.greedy.tokens)
     nnx.update(model, nnx.state(other))  # new arrays in the same model: its old copy must not be decoded
