@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.prompts import CODE_PROMPTS  # noqa: E402
 from bench.report import replace_section  # noqa: E402
 from bench.timing import compiled_seconds  # noqa: E402
 
@@ -39,8 +40,6 @@ _NEW = flags.DEFINE_integer('new_tokens', 64, 'Tokens generated per row.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs (median reported) after one warm-up run.')
 
 ROWS = (1, 2, 4, 8, 16, 32)
-CODE_PROMPTS = ('def ', 'import os\n', 'class Parser(object):\n    def ', 'for i in range(', '    return self.',
-                '# Copyright', 'if __name__ == "__main__":\n    ', 'try:\n    import ')
 
 
 def timed(fn):
