@@ -2,6 +2,15 @@ r"""One prepared accelerator run (a single H200 or a TPU VM): kernels, training 
 
   python bench/accelerator.py [--out=accelerator.json]     # on the accelerator, under 8 minutes
   python bench/accelerator.py --smoke --out=/tmp/a.json    # toy sizes on CPU (the test suite runs this)
+  python bench/accelerator.py --merge=DIR --out=docs/accelerator/NAME.json   # here, after a run: see below
+
+On a machine lent for minutes, run each section in its own process under its own limit, so one that hangs
+costs only its share (a section's file holds what it measured before it was killed), then merge:
+  for s in fp8_gemm:80 grouped_fp8_gemm:60 attention:70 train_step:170 decode:195; do n=${s%:*}
+    echo "== $n (limit ${s#*:} s)" >>DIR/log; timeout ${s#*:} python bench/accelerator.py --sections=$n \
+      --out=DIR/$n.json >>DIR/log 2>&1; echo "rc=$?" >>DIR/log; done
+--merge joins DIR's section files (a section with no file gets the exit status its log recorded) into
+--out and rewrites the "Accelerator run" section of docs/benchmarks.md from it.
 
 Sections (each timed as the median of several runs of a compiled function; a section that fails is recorded
 with its error and the run goes on, exiting 1 at the end):
@@ -33,10 +42,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Toy sizes, XLA kernels on CPU: checks the script end to end.')
 _OUT = flags.DEFINE_string('out', 'accelerator.json', 'Where the JSON of every figure goes.')
 _RUNS = flags.DEFINE_integer('runs', 5, 'Timed runs per figure (median) after one warm-up.')
+_MERGE = flags.DEFINE_string('merge', None, "A folder of one run's section files and log: merge, write docs.")
+_SECTIONS = flags.DEFINE_list('sections', ['fp8_gemm', 'grouped_fp8_gemm', 'attention', 'train_step', 'decode'],
+                              'The sections to run, in this order.')
 
 # Dense bf16 peak FLOP/s of one chip, by jax device_kind (vendor datasheets); MFU is left out elsewhere.
 PEAK_BF16 = {'NVIDIA H200': 989e12, 'NVIDIA H100 80GB HBM3': 989e12, 'TPU v6 lite': 918e12, 'TPU v5 lite': 197e12,
              'TPU v5p': 459e12, 'TPU7x': 2307e12}
+
+
+_REPORT = {}  # every figure so far; written after each one, so a run cut short keeps what it measured
+
+
+def save():
+  with open(_OUT.value, 'w') as f:
+    json.dump(_REPORT, f, indent=1, default=float)
 
 
 def seconds(f, *args):
@@ -67,7 +87,8 @@ def fp8_gemm(smoke: bool, impl: str):
   for k, n in shapes:
     x = outlier_rows(jax.random.key(0), (m, k))
     w = jax.random.normal(jax.random.key(1), (k, n)) / np.sqrt(k)
-    exact = jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST)
+    exact = jax.block_until_ready(jnp.dot(x, w, precision=jax.lax.Precision.HIGHEST))
+    progress(f'fp8_gemm {m}x{k}x{n}: fp32 reference ready')
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     bf16 = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     xq, xs = act_quant.act_quant(x, 'f32', impl)
@@ -75,11 +96,14 @@ def fp8_gemm(smoke: bool, impl: str):
     ws_cols = common.expand_block_scales(ws, n)
     fp8 = jax.jit(lambda a, sa, b, sb: block_gemm.gemm(a, sa, b, sb, jnp.float32, impl))
     flops = 2 * m * k * n
-    out.append({'m': m, 'k': k, 'n': n,
-                'bf16_tflops': flops / seconds(bf16, xb, wb) / 1e12,
-                'fp8_tflops': flops / seconds(fp8, xq, xs, wq, ws_cols) / 1e12,
-                'bf16_rel_error': rel_error(bf16(xb, wb), exact),
-                'fp8_rel_error': rel_error(fp8(xq, xs, wq, ws_cols), exact)})
+    jax.block_until_ready((xq, xs, wq, ws_cols))
+    progress(f'fp8_gemm {m}x{k}x{n}: operands quantized')
+    row = {'m': m, 'k': k, 'n': n, 'bf16_tflops': flops / seconds(bf16, xb, wb) / 1e12}
+    progress(f'fp8_gemm {m}x{k}x{n}: bf16 timed')
+    row['fp8_tflops'] = flops / seconds(fp8, xq, xs, wq, ws_cols) / 1e12
+    progress(f'fp8_gemm {m}x{k}x{n}: fp8 timed')
+    row.update(bf16_rel_error=rel_error(bf16(xb, wb), exact), fp8_rel_error=rel_error(fp8(xq, xs, wq, ws_cols), exact))
+    out.append(row)
   return out
 
 
@@ -101,11 +125,14 @@ def grouped_fp8_gemm(smoke: bool, impl: str):
     fp8 = jax.jit(lambda a, sa, b, sb: grouped_gemm.grouped_gemm(a, sa, b, sb, tile_expert, jnp.float32, impl))
     flops = 2 * u * k * n
     rb, wb = rows.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    out.append({'rows': u, 'experts': e, 'k': k, 'n': n,
-                'bf16_ragged_dot_tflops': flops / seconds(bf16, rb, wb) / 1e12,
-                'fp8_grouped_tflops': flops / seconds(fp8, rq, rs, wq, ws_cols) / 1e12,
-                'bf16_rel_error': rel_error(bf16(rb, wb), exact),
-                'fp8_rel_error': rel_error(fp8(rq, rs, wq, ws_cols), exact)})
+    jax.block_until_ready((exact, rq, rs, wq, ws_cols))
+    progress(f'grouped_fp8_gemm {u}x{k}x{n}: reference and operands ready')
+    row = {'rows': u, 'experts': e, 'k': k, 'n': n, 'bf16_ragged_dot_tflops': flops / seconds(bf16, rb, wb) / 1e12}
+    progress(f'grouped_fp8_gemm {u}x{k}x{n}: bf16 ragged_dot timed')
+    row['fp8_grouped_tflops'] = flops / seconds(fp8, rq, rs, wq, ws_cols) / 1e12
+    progress(f'grouped_fp8_gemm {u}x{k}x{n}: fp8 timed')
+    row.update(bf16_rel_error=rel_error(bf16(rb, wb), exact), fp8_rel_error=rel_error(fp8(rq, rs, wq, ws_cols), exact))
+    out.append(row)
   return out
 
 
@@ -149,7 +176,7 @@ def one_b_config(smoke: bool):
       max_seq_len=4096, n_mtp_layers=1)
 
 
-def train_section(smoke: bool):
+def train_section(smoke: bool, out: dict):
   from flax import nnx
   from deepseek_jax import cost
   from deepseek_jax.config import Runtime
@@ -163,8 +190,8 @@ def train_section(smoke: bool):
   summary = cost.summary(cfg, seq)
   flops = (summary['train_flops_per_token'] + summary['mtp_train_flops_per_token']) * batch * seq
   peak = PEAK_BF16.get(jax.devices()[0].device_kind)
-  out = {'total_params': summary['total_params'], 'active_params': summary['active_params'],
-         'tokens_per_step': batch * seq, 'model_flops_per_step': flops}
+  out.update({'total_params': summary['total_params'], 'active_params': summary['active_params'],
+              'tokens_per_step': batch * seq, 'model_flops_per_step': flops})
   for name, quant in (('bf16', 'none'), ('fp8', 'fp8')):
     rt = Runtime(dtype='bfloat16', quant=quant)
     tx = adamw()
@@ -181,17 +208,17 @@ def train_section(smoke: bool):
     s = statistics.median(times)
     out[name] = {'step_seconds': s, 'tokens_per_second': batch * seq / s, 'loss': float(metrics['loss']),
                  'mfu': flops / s / peak if peak else None}
+    save()
   return out
 
 
-def decode_section(smoke: bool):
+def decode_section(smoke: bool, out: dict):
   from flax import nnx
   from deepseek_jax import held
   from deepseek_jax.config import Runtime
   from deepseek_jax.model import DeepSeekV3
   cfg = one_b_config(smoke)
   prompt = 16 if smoke else 256
-  out = {}
   rt = Runtime(dtype='bfloat16', param_dtype='bfloat16', scan_layers=False)
   model = DeepSeekV3(cfg, rt, nnx.Rngs(0))
   group = 128 if cfg.dim % 128 == 0 and cfg.moe_inter_dim % 128 == 0 else 32
@@ -199,7 +226,7 @@ def decode_section(smoke: bool):
   for name, m in models.items():
     decoder = m.unstacked()
     graphdef, weights = nnx.split(decoder)
-    rows = {}
+    rows = out[name] = {}
     for batch in (1, 8) if smoke else (1, 8, 32):
       tokens = jnp.asarray(np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, prompt)))
       cache = jax.jit(lambda w, tk: nnx.merge(graphdef, w).forward(tk, cache=nnx.merge(graphdef, w).init_cache(
@@ -212,34 +239,143 @@ def decode_section(smoke: bool):
                      'verify_over_plain': two / one,
                      # with acceptance a, a speculative step yields 1 + a tokens: it pays while 1 + a > this ratio
                      'break_even_acceptance': max(two / one - 1, 0.0)}
-    out[name] = rows
+      save()
   return out
+
+
+def progress(*parts):
+  print(*parts, flush=True)  # a section killed at its limit shows how far it got
+
+
+def merge(folder: str) -> dict:
+  report, limits, status, name = {}, {}, {}, None
+  for line in open(os.path.join(folder, 'log')):
+    if line.startswith('== '):
+      name = line.split()[1]
+      limits[name] = line.split('limit ')[1].split()[0] if 'limit ' in line else None
+    elif line.startswith('rc=') and name:
+      status[name] = int(line[3:])
+  for name in limits:
+    path = os.path.join(folder, f'{name}.json')
+    part = json.load(open(path)) if os.path.exists(path) else {}
+    for key, value in part.items():
+      report.setdefault(key, value) if key not in (name, f'{name}_seconds') else report.update({key: value})
+    if status.get(name) in (124, 137):
+      report[name] = {**(report.get(name) or {}), 'error': f'killed at its {limits[name]} s limit'}
+    elif name not in report:
+      report[name] = {'error': f'no figures; exit status {status.get(name)}'}
+  return report
+
+
+def _f(x, digits=1):
+  return f'{x:,.{digits}f}'
+
+
+def docs_section(report: dict, path: str) -> str:
+  lines = [f'`python bench/accelerator.py --merge=DIR --out={path}` on the section files of one run on '
+           f"{report['device']} (backend {report['backend']}, jax {report['jax']}, kernels {report['kernels']}); "
+           'each figure the median of 5 timed runs after a warm-up.', '']
+  for name in ('fp8_gemm', 'grouped_fp8_gemm', 'attention', 'train_step', 'decode'):
+    part = report.get(name)
+    if isinstance(part, dict) and 'error' in part:
+      lines.append(f'- {name}: **{part["error"]}**' + (' (figures below are those it finished)' if len(part) > 1
+                                                          else ''))
+  attention = report.get('attention', {})
+  if 'flash_forward_tflops' in attention:
+    impl = attention['impl']
+    lines += ['', f"Attention, causal, T = {attention['t']}, {attention['heads']} heads, q/k 128 + 64, v 128, "
+              f"bf16 (causal FLOPs; forward + backward counted as 3.5x forward); {impl}'s relative error against "
+              f"fp32 dense: {attention[f'{impl}_rel_error_vs_fp32_dense']:.2e}.", '',
+              '| form | forward TFLOP/s | forward + backward TFLOP/s |', '| --- | ---: | ---: |']
+    for form in (impl, 'dense'):
+      if f'{form}_forward_tflops' in attention:
+        lines.append(f"| {form} | {_f(attention[f'{form}_forward_tflops'])} | "
+                     f"{_f(attention[f'{form}_forward_backward_tflops'])} |")
+  train = report.get('train_step', {})
+  if 'bf16' in train:
+    lines += ['', f"Train step (AdamW) of the V3-shaped model: {train['total_params'] / 1e9:.2f}e9 parameters, "
+              f"{train['active_params'] / 1e9:.2f}e9 active, {train['tokens_per_step']:,} tokens a step, "
+              f"{train['model_flops_per_step'] / 1e12:.1f} TFLOP a step by cost.py (MTP included); MFU against "
+              f"the chip's dense bf16 peak. fp8: the paper's recipe with fp8_impl 'auto', which is the XLA form "
+              f'off TPU (pallas_kernels.common.resolve_impl).', '',
+              '| form | step s | tokens/s | MFU | loss at init |', '| --- | ---: | ---: | ---: | ---: |']
+    for form in ('bf16', 'fp8'):
+      if form in train:
+        r = train[form]
+        lines.append(f"| {form} | {r['step_seconds']:.3f} | {_f(r['tokens_per_second'], 0)} | "
+                     f"{100 * r['mfu']:.1f}% | {r['loss']:.4f} |" if r['mfu'] else
+                     f"| {form} | {r['step_seconds']:.3f} | {_f(r['tokens_per_second'], 0)} | - | {r['loss']:.4f} |")
+  decode = report.get('decode', {})
+  if isinstance(decode, dict) and any(isinstance(v, dict) and v for v in decode.values()):
+    from deepseek_jax import grouped_matmul
+    cfg = one_b_config(report['smoke'])
+    path = lambda tokens: grouped_matmul.resolve('auto', tokens, cfg.n_activated_experts, cfg.n_routed_experts)
+    lines += ['', 'Decode step of the same model (prompt 256; bf16 weights, and int4 routed experts): plain (1 '
+              'token a row) and the speculative verification (2 tokens a row); a speculative step pays while 1 + '
+              f"acceptance exceeds their ratio. MoE path: grouped_matmul's 'auto' for the step's tokens "
+              f'({cfg.n_activated_experts} of {cfg.n_routed_experts} experts each).', '',
+              '| weights | rows | step ms | tokens/s | verify ms | verify / plain | MoE path (plain / verify) |',
+              '| --- | ---: | ---: | ---: | ---: | ---: | --- |']
+    for weights, rows in decode.items():
+      if not isinstance(rows, dict) or weights == 'error':
+        continue
+      for batch, r in rows.items():
+        lines.append(f"| {weights} | {batch} | {r['step_ms']:.2f} | {_f(r['tokens_per_second'], 0)} | "
+                     f"{r['verify_2_tokens_ms']:.2f} | {r['verify_over_plain']:.2f} | "
+                     f'{path(int(batch))} / {path(2 * int(batch))} |')
+  for name in ('fp8_gemm', 'grouped_fp8_gemm'):
+    rows = report.get(name)
+    if isinstance(rows, list):
+      lines += ['', f'{name}:', '', '| shape | bf16 TFLOP/s | fp8 TFLOP/s | bf16 error | fp8 error |',
+                '| --- | ---: | ---: | ---: | ---: |']
+      for r in rows:
+        bf16, fp8 = [k for k in r if k.endswith('_tflops')]
+        shape = ' x '.join(str(r[k]) for k in r if k in ('m', 'rows', 'experts', 'k', 'n'))
+        lines.append(f"| {shape} | {_f(r[bf16])} | {_f(r[fp8])} | {r['bf16_rel_error']:.2e} | "
+                     f"{r['fp8_rel_error']:.2e} |")
+  return '\n'.join(lines)
 
 
 def main(argv):
   del argv
+  if _MERGE.value:
+    report = merge(_MERGE.value)
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, 'w') as f:
+      json.dump(report, f, indent=1, default=float)
+    from bench import report as docs
+    docs.replace_section('Accelerator run', docs_section(report, os.path.relpath(_OUT.value)))
+    print(docs_section(report, _OUT.value))
+    return
   smoke = _SMOKE.value
   if smoke:
     jax.config.update('jax_platforms', 'cpu')
   backend = jax.default_backend()
   impl = 'pallas' if backend in ('tpu', 'gpu') else 'xla'
-  report = {'device': jax.devices()[0].device_kind, 'backend': backend, 'smoke': smoke, 'kernels': impl,
-            'jax': jax.__version__}
+  report = _REPORT
+  report.update({'device': jax.devices()[0].device_kind, 'backend': backend, 'smoke': smoke, 'kernels': impl,
+                 'jax': jax.__version__})
   sections = {'fp8_gemm': lambda: fp8_gemm(smoke, impl), 'grouped_fp8_gemm': lambda: grouped_fp8_gemm(smoke, impl),
-              'attention': lambda: attention_section(smoke), 'train_step': lambda: train_section(smoke),
-              'decode': lambda: decode_section(smoke)}
+              'attention': lambda: attention_section(smoke),
+              'train_step': lambda: train_section(smoke, report.setdefault('train_step', {})),
+              'decode': lambda: decode_section(smoke, report.setdefault('decode', {}))}
+  unknown = set(_SECTIONS.value) - set(sections)
+  if unknown:
+    raise app.UsageError(f'--sections: unknown {sorted(unknown)}; choose from {list(sections)}')
   failed = []
-  for name, run in sections.items():
+  for name in _SECTIONS.value:
+    run = sections[name]
     start = time.perf_counter()
     try:
       report[name] = run()
     except Exception as error:
       failed.append(name)
-      report[name] = {'error': f'{type(error).__name__}: {error}', 'traceback': traceback.format_exc()[-3000:]}
-    print(f'{name} ({time.perf_counter() - start:.0f} s):', json.dumps(report[name], indent=1, default=float),
+      report[name] = {**report.get(name, {}), 'error': f'{type(error).__name__}: {error}',  # keeps partial figures
+                      'traceback': traceback.format_exc()[-3000:]}
+    report[name + '_seconds'] = time.perf_counter() - start
+    print(f'{name} ({report[name + "_seconds"]:.0f} s):', json.dumps(report[name], indent=1, default=float),
           flush=True)
-  with open(_OUT.value, 'w') as f:
-    json.dump(report, f, indent=1, default=float)
+    save()
   print(f'wrote {_OUT.value}' + (f'; FAILED: {", ".join(failed)}' if failed else ''))
   if failed:
     sys.exit(1)

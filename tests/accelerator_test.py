@@ -42,6 +42,32 @@ class AcceleratorSmokeTest(absltest.TestCase):
         self.assertGreater(row['tokens_per_second'], 0)
         self.assertGreater(row['verify_over_plain'], 0)
 
+  def test_merge_marks_a_killed_section_and_keeps_the_others(self):
+    # One process per section on a lent machine: a section killed at its limit leaves no file (or a partial
+    # one); the merge must say so rather than drop it, and keep the figures of the sections that finished.
+    folder = tempfile.mkdtemp()
+    head = {'device': 'NVIDIA H200', 'backend': 'gpu', 'smoke': False, 'kernels': 'pallas', 'jax': '0.11.2'}
+    attention = {'t': 4096, 'heads': 128, 'impl': 'flash', 'flash_forward_tflops': 45.0,
+                 'flash_forward_backward_tflops': 64.0, 'flash_rel_error_vs_fp32_dense': 2e-3}
+    partial_decode = {'bf16': {'1': {'step_ms': 2.5, 'tokens_per_second': 400.0, 'verify_2_tokens_ms': 3.0,
+                                     'verify_over_plain': 1.2, 'break_even_acceptance': 0.2}}}
+    json.dump({**head, 'attention': attention, 'attention_seconds': 20.0}, open(f'{folder}/attention.json', 'w'))
+    json.dump({**head, 'decode': partial_decode}, open(f'{folder}/decode.json', 'w'))
+    with open(f'{folder}/log', 'w') as f:
+      f.write('== fp8_gemm (limit 80 s)\nnoise\nrc=124\n== attention (limit 70 s)\nrc=0\n'
+              '== decode (limit 195 s)\nrc=137\n')
+    sys.path.insert(0, REPO)
+    from bench import accelerator
+    report = accelerator.merge(folder)
+    self.assertEqual(report['fp8_gemm'], {'error': 'killed at its 80 s limit'})
+    self.assertEqual(report['attention'], attention)
+    self.assertEqual(report['decode']['error'], 'killed at its 195 s limit')
+    self.assertEqual(report['decode']['bf16'], partial_decode['bf16'])
+    text = accelerator.docs_section(report, 'docs/accelerator/x.json')
+    self.assertIn('fp8_gemm: **killed at its 80 s limit**', text)
+    self.assertIn('| flash | 45.0 | 64.0 |', text)
+    self.assertIn('| bf16 | 1 | 2.50 | 400 | 3.00 | 1.20 | gather / gather |', text)
+
 
 if __name__ == '__main__':
   absltest.main()
