@@ -102,7 +102,8 @@ def fp8_gemm(smoke: bool, impl: str):
     progress(f'fp8_gemm {m}x{k}x{n}: bf16 timed')
     row['fp8_tflops'] = flops / seconds(fp8, xq, xs, wq, ws_cols) / 1e12
     progress(f'fp8_gemm {m}x{k}x{n}: fp8 timed')
-    row.update(bf16_rel_error=rel_error(bf16(xb, wb), exact), fp8_rel_error=rel_error(fp8(xq, xs, wq, ws_cols), exact))
+    row.update(bf16_rel_error=rel_error(bf16(xb, wb), exact),
+               fp8_rel_error=rel_error(fp8(xq, xs, wq, ws_cols), exact))
     out.append(row)
   return out
 
@@ -131,7 +132,8 @@ def grouped_fp8_gemm(smoke: bool, impl: str):
     progress(f'grouped_fp8_gemm {u}x{k}x{n}: bf16 ragged_dot timed')
     row['fp8_grouped_tflops'] = flops / seconds(fp8, rq, rs, wq, ws_cols) / 1e12
     progress(f'grouped_fp8_gemm {u}x{k}x{n}: fp8 timed')
-    row.update(bf16_rel_error=rel_error(bf16(rb, wb), exact), fp8_rel_error=rel_error(fp8(rq, rs, wq, ws_cols), exact))
+    row.update(bf16_rel_error=rel_error(bf16(rb, wb), exact),
+               fp8_rel_error=rel_error(fp8(rq, rs, wq, ws_cols), exact))
     out.append(row)
   return out
 
@@ -258,8 +260,8 @@ def merge(folder: str) -> dict:
   for name in limits:
     path = os.path.join(folder, f'{name}.json')
     part = json.load(open(path)) if os.path.exists(path) else {}
-    for key, value in part.items():
-      report.setdefault(key, value) if key not in (name, f'{name}_seconds') else report.update({key: value})
+    report.update({key: value for key, value in part.items()  # its own figures, and the run's facts once
+                   if key in (name, f'{name}_seconds') or key not in report})
     if status.get(name) in (124, 137):
       report[name] = {**(report.get(name) or {}), 'error': f'killed at its {limits[name]} s limit'}
     elif name not in report:
@@ -302,9 +304,9 @@ def docs_section(report: dict, path: str) -> str:
     for form in ('bf16', 'fp8'):
       if form in train:
         r = train[form]
-        lines.append(f"| {form} | {r['step_seconds']:.3f} | {_f(r['tokens_per_second'], 0)} | "
-                     f"{100 * r['mfu']:.1f}% | {r['loss']:.4f} |" if r['mfu'] else
-                     f"| {form} | {r['step_seconds']:.3f} | {_f(r['tokens_per_second'], 0)} | - | {r['loss']:.4f} |")
+        mfu = f"{100 * r['mfu']:.1f}%" if r['mfu'] else '-'
+        lines.append(f"| {form} | {r['step_seconds']:.3f} | {_f(r['tokens_per_second'], 0)} | {mfu} | "
+                     f"{r['loss']:.4f} |")
   decode = report.get('decode', {})
   if isinstance(decode, dict) and any(isinstance(v, dict) and v for v in decode.values()):
     from deepseek_jax import grouped_matmul
@@ -344,8 +346,9 @@ def main(argv):
     with open(_OUT.value, 'w') as f:
       json.dump(report, f, indent=1, default=float)
     from bench import report as docs
-    docs.replace_section('Accelerator run', docs_section(report, os.path.relpath(_OUT.value)))
-    print(docs_section(report, _OUT.value))
+    text = docs_section(report, os.path.relpath(_OUT.value))
+    docs.replace_section('Accelerator run', text)
+    print(text)
     return
   smoke = _SMOKE.value
   if smoke:

@@ -139,11 +139,12 @@ def _decoder(model: DeepSeekV3) -> tuple[DeepSeekV3, '_Static', nnx.State]:
   held = _DECODERS.get(model)
   if held is not None and len(held[0]) == len(arrays) and all(a is b for a, b in zip(held[0], arrays)):
     decoder, graphdef, weights = held[1]
-    return decoder or model, graphdef, weights
-  decoder = None if model.rt.scan_layers else model.unstacked()  # None: the model (a value must not hold its key)
-  graphdef, weights = nnx.split(decoder or model)
-  _DECODERS[model] = (arrays, (decoder, _Static(graphdef), weights))
-  return decoder or model, *_DECODERS[model][1][1:]
+  else:
+    decoder = None if model.rt.scan_layers else model.unstacked()  # None: the model (a value must not hold its key)
+    graphdef, weights = nnx.split(decoder or model)
+    graphdef = _Static(graphdef)
+    _DECODERS[model] = (arrays, (decoder, graphdef, weights))
+  return decoder or model, graphdef, weights
 
 
 def _placed(model: DeepSeekV3, mesh, allow_replicated: bool) -> DeepSeekV3:
