@@ -130,16 +130,30 @@ def stream_seconds(total_bytes, rows):
   return seconds * total_bytes / (len(ws) * per)
 
 
+def expert_stream_seconds(total_bytes, n_experts, dim, inter, rows_per_expert):
+  """Seconds this machine takes to stream `total_bytes` of fp32 expert stacks [E, dim, inter] through the
+  dense layout's batched matmul with `rows_per_expert` rows for every expert (x[E, Z, dim] @ w[E, dim, inter],
+  grouped_matmul.matmul's 'dense' einsum), median of 9 after a warm-up."""
+  import jax
+  import jax.numpy as jnp
+  per = n_experts * dim * inter * 4
+  ws = [jnp.asarray(np.random.default_rng(i).standard_normal((n_experts, dim, inter), np.float32))
+        for i in range(max(1, round(total_bytes / per)))]
+  x = jnp.ones((n_experts, rows_per_expert, dim), jnp.float32)
+  seconds = compiled_seconds(jax.jit(lambda x, ws: [jnp.einsum('cza,cao->czo', x, w) for w in ws]), x, ws)
+  return seconds * total_bytes / (len(ws) * per)
+
+
 def read_experts(cfg, rt, rows, distinct):
   """(dispatch, routed experts a plain step reads over all MoE layers) by construction (grouped_matmul.py):
   gather reads one expert per routed copy, dense every expert when the copies cover them or else each
-  distinct one once, ragged / tiled the whole stack."""
+  distinct one once, host each expert with rows once, ragged / tiled the whole stack."""
   from deepseek_jax import grouped_matmul as gm
   copies, e, layers = rows * cfg.n_activated_experts, cfg.n_routed_experts, len(distinct)
   impl = gm.resolve(rt.gmm_impl, rows, cfg.n_activated_experts, e)
   if impl == 'gather':
     return impl, copies * layers
-  if impl == 'dense' and copies < e:
+  if (impl == 'dense' and copies < e) or impl == 'host':
     return impl, sum(distinct)
   return impl, e * layers
 
@@ -166,7 +180,7 @@ def main(argv):
   cfg, ours = load_hf(path, rt)  # fp32
   dense_bytes, expert_bytes = step_weight_bytes(ours)
   n_moe = cfg.n_layers - cfg.n_dense_layers
-  peer_rows, bytes_rows = [], []
+  peer_rows, bytes_rows, split_floor = [], [], {}
   for batch in (1, 8, 32):
     prompts = rng.integers(0, cfg.vocab_size, (batch, 16)).tolist()
     ours_s, ours_out = timed(lambda: generate(ours, prompts, new))
@@ -191,6 +205,13 @@ def main(argv):
                       f'{read / minimum:.2f}x | {np.mean(distinct):.1f} of {cfg.n_routed_experts} | '
                       f'{minimum / floor_s / 1e9:.1f} GB/s | {floor_s * 1e3:.2f} ms | {ours_s / new * 1e3:.2f} ms | '
                       f'{hf_s / new * 1e3:.2f} ms | {ceiling:.1f}x |')
+    if batch == 8:  # the floor again, each kind of weight at the best rate measured for its access
+      experts_min = expert_bytes * sum(distinct)
+      expert_rates = {z: experts_min / expert_stream_seconds(experts_min, cfg.n_routed_experts, cfg.dim,
+                                                              cfg.moe_inter_dim, z) for z in (1, 2, 4, 8)}
+      step_s = stream_seconds(dense_bytes, batch) + experts_min / max(expert_rates.values())
+      split_floor = dict(rates=expert_rates, step_s=step_s, ceiling=hf_s / (new * step_s),
+                         rows_per_expert=batch * cfg.n_activated_experts / np.mean(distinct))
   # Held formats of the routed experts: fp32, FP8 (every projection, 128x128 scales), int4 / MXFP4.
   held_rows = []
   for label, held_rt in (('fp32', rt), ('FP8 (all projections)', dataclasses.replace(rt, fp8_weights=True)),
@@ -220,7 +241,7 @@ def main(argv):
   codec = run_codec(_WORKDIR.value)
   code_prompts = [codec.encode(text) for text in CODE_PROMPTS]
   step_rows = collections.defaultdict(list)
-  for impl in ('gather', 'dense', 'auto'):
+  for impl in ('gather', 'dense', 'host', 'auto'):
     _, trained, step = restore_model(_WORKDIR.value, dataclasses.replace(trained_rt, gmm_impl=impl))
     for rows in ROWS:
       prompts = (code_prompts * (rows // len(code_prompts) + 1))[:rows]
@@ -268,6 +289,13 @@ def main(argv):
       '|---|---|---|---|---|---|---|---|---|---|---|',
       *bytes_rows,
       '',
+      'At batch 8 the routed experts hold most of the minimum, and a step gives each touched expert about '
+      f'{split_floor["rows_per_expert"]:.1f} rows, not 8. Their bytes (the step\'s distinct experts) streamed '
+      'through the dense layout\'s batched matmul with Z rows per expert (`expert_stream_seconds`), GB/s: ' +
+      ', '.join(f'Z = {z}: {r / 1e9:.1f}' for z, r in split_floor['rates'].items()) +
+      f'. With the experts at the best of these and the other weights at the 8-row rate, the floor is '
+      f'{split_floor["step_s"] * 1e3:.2f} ms a step and the ceiling {split_floor["ceiling"]:.1f}x transformers.',
+      '',
       'Routed experts held in each format (same random model, loaded by `load_hf` with the Runtime that says '
       'so; the weights of a step are all experts of every MoE layer plus the dense weights), tokens/s at batch 1 '
       'and 8:',
@@ -286,8 +314,8 @@ def main(argv):
       'prompts, for each expert dispatch (`Runtime.gmm_impl`), and MTP speculative with the automatic choice '
       '(acceptance in brackets):',
       '',
-      '| rows | gather | dense | auto | speculative (auto) |',
-      '|---|---|---|---|---|',
+      '| rows | gather | dense | host | auto | speculative (auto) |',
+      '|---|---|---|---|---|---|',
       *rows_table,
       '',
       'MTP speculative decoding on the same run, code prompts:',

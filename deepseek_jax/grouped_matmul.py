@@ -25,7 +25,9 @@ Decoding, where a step is bound by the bytes of expert weights it reads (each ex
 'auto' (measured on the demo shapes, 16 experts top-4, docs/benchmarks.md "Decoding"): gather while M < E
 (the copies are nearly all distinct experts: gather reads about the minimum and needs no sort), dense once
 M >= E up to DENSE_ROWS tokens (every expert is likely touched: each read once, no copy), else ragged_dot on
-TPU, host on CPU and tiled elsewhere. On CPU dense overtakes gather from 8 tokens on (the rows table there).
+TPU, host on CPU and tiled elsewhere. On CPU dense does E / K times the multiply-adds of the copies, and the
+host loop's exact work overtakes it once X * E passes CPU_DENSE_WORK rows (the rows table there: dense
+ahead at 8 tokens, host from 16).
 
 Letters beyond model.py's key: A / O the input / output features of an expert weight, Y row tiles, Z the rows
 of one tile, C the candidate experts of the dense layout.
@@ -46,19 +48,24 @@ IMPLS = ('auto', 'ragged_dot', 'host', 'tiled', 'dense', 'gather')
 # tiled's M + E * tile padded rows (tile >= 128) up to X = 170 at 16 experts top-4 and X = 132 at V3's 256 top-8;
 # measured on CPU (demo run, 32 rows speculative = 64 tokens a step): dense 26 ms a step, tiled 48.
 DENSE_ROWS = 128
+# On CPU the host loop (exact work, two callbacks a layer) beats dense beyond this many token x expert rows:
+# measured on the demo shapes (16 experts top-4, bench/decode.py's rows table), dense ahead at 8 tokens
+# (128 rows), host from 16 (256 rows).
+CPU_DENSE_WORK = 128
 
 
-def resolve(impl: str, x: int, k: int, n_experts: int) -> str:
-  """'auto' for x tokens with k experts each: gather or dense at decode sizes, else ragged_dot on TPU, host
-  on CPU, tiled elsewhere."""
+def resolve(impl: str, x: int, k: int, n_experts: int, backend: str | None = None) -> str:
+  """'auto' for x tokens with k experts each on `backend` (default: JAX's): gather or dense at decode sizes,
+  else ragged_dot on TPU, host on CPU, tiled elsewhere."""
   if impl not in IMPLS:
     raise ValueError(f'gmm impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
+    backend = backend or jax.default_backend()
     if x * k < n_experts:
       return 'gather'
-    if x <= DENSE_ROWS:
+    if x <= DENSE_ROWS and (backend != 'cpu' or x * n_experts <= CPU_DENSE_WORK):
       return 'dense'
-    return {'tpu': 'ragged_dot', 'cpu': 'host'}.get(jax.default_backend(), 'tiled')
+    return {'tpu': 'ragged_dot', 'cpu': 'host'}.get(backend, 'tiled')
   return impl
 
 

@@ -151,10 +151,18 @@ class DispatchTest(parameterized.TestCase):
     self.assertGreater(accessed('gather'), 2 * (x * k / e) * w_bytes)  # 32 copies written, then read
 
   def test_auto_by_copies_and_tokens(self):
-    self.assertEqual(gm.resolve('auto', 1, 4, 16), 'gather')  # decoding one row: 4 of 16 experts
-    self.assertEqual(gm.resolve('auto', 8, 4, 16), 'dense')  # 32 copies of 16 experts
-    self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS, 8, 256), 'dense')
-    self.assertIn(gm.resolve('auto', 2048, 4, 16), ('host', 'tiled', 'ragged_dot'))
+    for backend in ('cpu', 'gpu', 'tpu'):
+      self.assertEqual(gm.resolve('auto', 1, 4, 16, backend), 'gather')  # decoding one row: 4 of 16 experts
+      self.assertEqual(gm.resolve('auto', 8, 4, 16, backend), 'dense')  # 32 copies of 16 experts
+    self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS, 8, 256, 'tpu'), 'dense')
+    self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS, 8, 256, 'gpu'), 'dense')
+    self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS + 1, 8, 256, 'tpu'), 'ragged_dot')
+    self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS + 1, 8, 256, 'gpu'), 'tiled')
+    # CPU: dense only while its X * E rows of work stay within CPU_DENSE_WORK, then the exact host loop.
+    self.assertEqual(gm.resolve('auto', 16, 4, 16, 'cpu'), 'host')
+    self.assertEqual(gm.resolve('auto', 8, 8, 64, 'cpu'), 'host')
+    self.assertEqual(gm.resolve('auto', 2048, 4, 16), {'cpu': 'host', 'tpu': 'ragged_dot'}.get(
+        jax.default_backend(), 'tiled'))
 
   def test_tile_padding_bound(self):
     for m, g in [(8192, 16), (64, 8), (4096, 256), (100, 3), (10**6, 8)]:
