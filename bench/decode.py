@@ -117,31 +117,32 @@ def distinct_experts(model, tokens_BT, first):
   return per_layer
 
 
-def stream_seconds(total_bytes, rows):
-  """Seconds this machine takes to stream `total_bytes` of fp32 weights through x[rows, 256] @ w matmuls (the
-  decode step's access pattern at its smallest), median of 9 after a warm-up."""
+def _streamed_seconds(total_bytes, w_shape, x, product):
+  """Seconds this machine takes to stream `total_bytes` of fp32 weights of shape w_shape through
+  product(x, w), one weight after another, median of 9 after a warm-up."""
   import jax
   import jax.numpy as jnp
-  per = 256 * 4096 * 4
-  ws = [jnp.asarray(np.random.default_rng(i).standard_normal((256, 4096), np.float32))
+  per = int(np.prod(w_shape)) * 4
+  ws = [jnp.asarray(np.random.default_rng(i).standard_normal(w_shape, np.float32))
         for i in range(max(1, round(total_bytes / per)))]
-  x = jnp.ones((rows, 256), jnp.float32)
-  seconds = compiled_seconds(jax.jit(lambda x, ws: [x @ w for w in ws]), x, ws)
+  seconds = compiled_seconds(jax.jit(lambda x, ws: [product(x, w) for w in ws]), jnp.asarray(x), ws)
   return seconds * total_bytes / (len(ws) * per)
+
+
+def stream_seconds(total_bytes, rows):
+  """`total_bytes` of fp32 weights through x[rows, 256] @ w matmuls (the decode step's access pattern at its
+  smallest)."""
+  return _streamed_seconds(total_bytes, (256, 4096), np.ones((rows, 256), np.float32), lambda x, w: x @ w)
 
 
 def expert_stream_seconds(total_bytes, n_experts, dim, inter, rows_per_expert):
-  """Seconds this machine takes to stream `total_bytes` of fp32 expert stacks [E, dim, inter] through the
-  dense layout's batched matmul with `rows_per_expert` rows for every expert (x[E, Z, dim] @ w[E, dim, inter],
-  grouped_matmul.matmul's 'dense' einsum), median of 9 after a warm-up."""
-  import jax
+  """`total_bytes` of fp32 expert stacks [E, dim, inter] through the dense layout's batched matmul with
+  `rows_per_expert` rows for every expert (x[E, Z, dim] @ w[E, dim, inter], grouped_matmul.matmul's 'dense'
+  einsum)."""
   import jax.numpy as jnp
-  per = n_experts * dim * inter * 4
-  ws = [jnp.asarray(np.random.default_rng(i).standard_normal((n_experts, dim, inter), np.float32))
-        for i in range(max(1, round(total_bytes / per)))]
-  x = jnp.ones((n_experts, rows_per_expert, dim), jnp.float32)
-  seconds = compiled_seconds(jax.jit(lambda x, ws: [jnp.einsum('cza,cao->czo', x, w) for w in ws]), x, ws)
-  return seconds * total_bytes / (len(ws) * per)
+  return _streamed_seconds(total_bytes, (n_experts, dim, inter),
+                           np.ones((n_experts, rows_per_expert, dim), np.float32),
+                           lambda x, w: jnp.einsum('cza,cao->czo', x, w))
 
 
 def read_experts(cfg, rt, rows, distinct):
