@@ -311,7 +311,8 @@ def docs_section(report: dict, path: str) -> str:
   if isinstance(decode, dict) and any(isinstance(v, dict) and v for v in decode.values()):
     from deepseek_jax import grouped_matmul
     cfg = one_b_config(report['smoke'])
-    path = lambda tokens: grouped_matmul.resolve('auto', tokens, cfg.n_activated_experts, cfg.n_routed_experts)
+    path = lambda tokens: grouped_matmul.resolve('auto', tokens, cfg.n_activated_experts, cfg.n_routed_experts,
+                                                 report['backend'])
     lines += ['', 'Decode step of the same model (prompt 256; bf16 weights, and int4 routed experts): plain (1 '
               'token a row) and the speculative verification (2 tokens a row); a speculative step pays while 1 + '
               f"acceptance exceeds their ratio. MoE path: grouped_matmul's 'auto' for the step's tokens "

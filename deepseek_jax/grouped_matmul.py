@@ -40,10 +40,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax import host_gmm
+from deepseek_jax import cpu_experts, host_gmm
 from pallas_kernels.fp8_linear import fp8_grouped_linear
 
-IMPLS = ('auto', 'ragged_dot', 'host', 'tiled', 'dense', 'gather')
+IMPLS = ('auto', 'native', 'ragged_dot', 'host', 'tiled', 'dense', 'gather')
 # 'auto' multiplies every token by every expert up to this many tokens: dense's X * E rows of work stay below
 # tiled's M + E * tile padded rows (tile >= 128) up to X = 170 at 16 experts top-4 and X = 132 at V3's 256 top-8;
 # measured on CPU (demo run, 32 rows speculative = 64 tokens a step): dense 26 ms a step, tiled 48.
@@ -54,13 +54,16 @@ DENSE_ROWS = 128
 CPU_DENSE_WORK = 128
 
 
-def resolve(impl: str, x: int, k: int, n_experts: int, backend: str | None = None) -> str:
-  """'auto' for x tokens with k experts each on `backend` (default: JAX's): gather or dense at decode sizes,
-  else ragged_dot on TPU, host on CPU, tiled elsewhere."""
+def resolve(impl: str, x: int, k: int, n_experts: int, backend: str | None = None, native: bool = True) -> str:
+  """'auto' for x tokens with k experts each on `backend` (default: JAX's): on CPU the native kernel where it
+  is built and the caller can use it (`native`: float weights), else gather or dense at decode sizes, and
+  ragged_dot on TPU, host on CPU, tiled elsewhere beyond."""
   if impl not in IMPLS:
     raise ValueError(f'gmm impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
     backend = backend or jax.default_backend()
+    if backend == 'cpu' and native and cpu_experts.available():
+      return 'native'
     if x * k < n_experts:
       return 'gather'
     if x <= DENSE_ROWS and (backend != 'cpu' or x * n_experts <= CPU_DENSE_WORK):
@@ -93,7 +96,10 @@ def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
   `combine` must be given a zero gate weight for them."""
   x, k = experts_XK.shape
   m = x * k
-  impl = resolve(impl, x, k, n_experts)
+  impl = resolve(impl, x, k, n_experts, native=False)
+  if impl == 'native':
+    raise ValueError("gmm impl 'native' is one fused kernel for the whole expert SwiGLU (cpu_experts.py, called "
+                     'by moe.RoutedExperts); it has no dispatch layout to plan')
   flat_M = experts_XK.reshape(-1)
   if impl == 'dense':
     return _dense_plan(flat_M, x, n_experts)

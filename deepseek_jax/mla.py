@@ -126,11 +126,15 @@ def cached_attention(q_a_BTHA, q_pe_BTHR, cache: kv.LayerCache, positions_BT, sc
     return jnp.where(visible_BTS[:, None], scores_BHTS, -jnp.inf), value
 
   def weighted(probs_BHTS, value):
-    spec = 'bhts,bsz->bthz' if value.ndim == 3 else 'bhts,bshz->bthz'
     # bf16 probabilities x bf16 values accumulated in fp32, written with fp32 operands: their products are
     # exact in fp32, so nothing changes, but XLA:CPU has no BF16 x BF16 -> F32 dot for this layout.
-    return jnp.einsum(spec, probs_BHTS.astype(value.dtype).astype(f32), value.astype(f32),
-                      preferred_element_type=f32)
+    probs_BHTS, value = probs_BHTS.astype(value.dtype).astype(f32), value.astype(f32)
+    if value.ndim == 4:
+      return jnp.einsum('bhts,bshz->bthz', probs_BHTS, value, preferred_element_type=f32)
+    # The shared latent as a plain batched [H T, S] x [S, C] product, transposed after: asked for in
+    # 'bthz' order, XLA:CPU contracts the latent's non-minor S with its generic dot emitter (1.4 ms of a
+    # 6.2 ms decode step at batch 8 on the demo's shapes, bench/decode.py's model).
+    return jnp.einsum('bhts,bsz->bhtz', probs_BHTS, value, preferred_element_type=f32).transpose(0, 2, 1, 3)
 
   def attend(i, carry):
     max_BHT, sum_BHT, out_BTHZ = carry

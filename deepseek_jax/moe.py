@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax import expert_parallel, quant4
+from deepseek_jax import cpu_experts, expert_parallel, quant4
 from deepseek_jax import grouped_matmul as gm
 from deepseek_jax.config import ModelConfig, Runtime
 from deepseek_jax.layers import MLP, dequantize_weight, fp8_recipe, fp8_weight, normal_param, quant4_weight
@@ -88,8 +88,12 @@ class RoutedExperts(nnx.Module):
       return expert_parallel.routed(self._apply, mesh, x_XD, experts_XK, weights_XK, stored, self.ep_dispatch)
     return self._apply(x_XD, experts_XK, weights_XK, stored, self.shapes[0][1][0])
 
-  def _apply(self, x_XD, experts_XK, weights_XK, stored, n_experts: int):
-    dispatch = gm.plan(experts_XK, n_experts, self.gmm_impl)
+  def _apply(self, x_XD, experts_XK, weights_XK, stored, n_experts: int, impl: str | None = None):
+    impl = impl or gm.resolve(self.gmm_impl, *experts_XK.shape, n_experts, native=self.held is None)
+    if impl == 'native':  # one CPU kernel for the whole SwiGLU; a gradient goes through the exact host layout
+      reference = lambda x, e, g, *ws: self._apply(x, e, g, ws, n_experts, 'host')
+      return cpu_experts.routed_swiglu(x_XD, experts_XK, weights_XK, *stored, reference).astype(self.dtype)
+    dispatch = gm.plan(experts_XK, n_experts, impl)
     rows_UD = gm.gather(dispatch, x_XD.astype(self.dtype))
     if self.held in quant4.FORMATS and dispatch.impl in ('dense', 'gather') and self.weights4_impl != 'xla':
       # Decoding on TPU: the 4-bit kernel dequantizes in its operand fetch, from the stacks as stored.

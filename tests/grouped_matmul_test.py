@@ -11,6 +11,7 @@ from absl.testing import parameterized
 
 from deepseek_jax import grouped_matmul as gm
 from deepseek_jax import host_gmm
+from tests.helpers import require_native
 
 
 def routed_ffn(x_XD, experts_XK, weights_XK, w_EDO, impl):
@@ -151,18 +152,22 @@ class DispatchTest(parameterized.TestCase):
     self.assertGreater(accessed('gather'), 2 * (x * k / e) * w_bytes)  # 32 copies written, then read
 
   def test_auto_by_copies_and_tokens(self):
-    for backend in ('cpu', 'gpu', 'tpu'):
-      self.assertEqual(gm.resolve('auto', 1, 4, 16, backend), 'gather')  # decoding one row: 4 of 16 experts
-      self.assertEqual(gm.resolve('auto', 8, 4, 16, backend), 'dense')  # 32 copies of 16 experts
+    for backend in ('cpu', 'gpu', 'tpu'):  # weights the native kernel cannot read (4-bit, FP8): XLA layouts
+      self.assertEqual(gm.resolve('auto', 1, 4, 16, backend, native=False), 'gather')  # one row: 4 of 16 experts
+      self.assertEqual(gm.resolve('auto', 8, 4, 16, backend, native=False), 'dense')  # 32 copies of 16 experts
     self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS, 8, 256, 'tpu'), 'dense')
     self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS, 8, 256, 'gpu'), 'dense')
     self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS + 1, 8, 256, 'tpu'), 'ragged_dot')
     self.assertEqual(gm.resolve('auto', gm.DENSE_ROWS + 1, 8, 256, 'gpu'), 'tiled')
     # CPU: dense only while its X * E rows of work stay within CPU_DENSE_WORK, then the exact host loop.
-    self.assertEqual(gm.resolve('auto', 16, 4, 16, 'cpu'), 'host')
-    self.assertEqual(gm.resolve('auto', 8, 8, 64, 'cpu'), 'host')
-    self.assertEqual(gm.resolve('auto', 2048, 4, 16), {'cpu': 'host', 'tpu': 'ragged_dot'}.get(
-        jax.default_backend(), 'tiled'))
+    self.assertEqual(gm.resolve('auto', 16, 4, 16, 'cpu', native=False), 'host')
+    self.assertEqual(gm.resolve('auto', 8, 8, 64, 'cpu', native=False), 'host')
+    # CPU with float weights: the native kernel at every size (built here: required in CI).
+    require_native()
+    for x in (1, 8, 2048):
+      self.assertEqual(gm.resolve('auto', x, 4, 16, 'cpu'), 'native')
+    with self.assertRaisesRegex(ValueError, 'no dispatch layout'):
+      gm.plan(jnp.zeros((2, 4), jnp.int32), 16, 'native')
 
   def test_tile_padding_bound(self):
     for m, g in [(8192, 16), (64, 8), (4096, 256), (100, 3), (10**6, 8)]:

@@ -88,3 +88,20 @@ def require(module: str):
                         "pip install -e '.[test]'") from error
     pytest.skip(f"{module} is not installed (pip install -e '.[test]'): skipping the tests that need it",
                 allow_module_level=True)
+
+
+def require_native():
+  """The native CPU expert kernel (cpu_experts.py), built on first use with the machine's C++ compiler: the
+  CPU's default expert path, so CI (DEEPSEEK_JAX_REQUIRE_EXTRAS=1) fails without it; elsewhere the test skips
+  with the reason."""
+  import os
+
+  import pytest
+
+  from deepseek_jax import cpu_experts
+  if cpu_experts.available():
+    return
+  if os.environ.get('DEEPSEEK_JAX_REQUIRE_EXTRAS') == '1':
+    raise RuntimeError('the native CPU expert kernel is required here (DEEPSEEK_JAX_REQUIRE_EXTRAS=1) and could '
+                       'not be built: see the warning logged by deepseek_jax.cpu_experts')
+  pytest.skip('the native CPU expert kernel could not be built here (no C++ compiler?): skipping')

@@ -109,8 +109,9 @@ class FP8Test(parameterized.TestCase):
     src, dst, out = (os.path.join(self.create_tempdir().full_path, n) for n in ('bf', 'fp8', 'resaved'))
     # hidden 192 and kv_lora_rank 80 (+64 rope): partial edge blocks everywhere
     tensors = write_fp8_copy(src, dst, hf_tiny_checkpoint(src, hidden_size=192, kv_lora_rank=80))
-    _, dequantized = load_hf(dst)
-    cfg, held = load_hf(dst, Runtime(fp8_weights=True))
+    # One expert path for both (the native CPU kernel reads float weights only): the same code, the same bits.
+    _, dequantized = load_hf(dst, Runtime(gmm_impl='host'))
+    cfg, held = load_hf(dst, Runtime(fp8_weights=True, gmm_impl='host'))
     wkv_a = held.dense_layers.attn.wkv_a
     self.assertEqual((wkv_a.kernel.dtype, wkv_a.kernel.shape), (jnp.float8_e4m3fn, (1, 256, 256)))
     stored = tensors['model.layers.0.self_attn.kv_a_proj_with_mqa.weight']  # [144, 192]
