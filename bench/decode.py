@@ -14,9 +14,10 @@ run (compilation excluded). Writes the "Decoding" section of docs/benchmarks.md.
 Weight bytes per step: what a plain decode step reads of the weights (the embedding's rows and the MTP block
 are not read), counted by construction from the expert dispatch that `grouped_matmul.resolve` picks, against
 the minimum (the dense weights + each MoE layer's distinct experts of that step, from the routing of a
-teacher-forced forward over the generated tokens). The floor is that minimum over the bandwidth this machine
-streams fp32 weights through a matmul with the same rows (x @ [256, 4096] matrices holding as many bytes),
-measured in the same run.
+teacher-forced forward over the generated tokens). The floor is that minimum at the rates this machine
+streams fp32 weights, measured in the same run: the dense weights through XLA matmuls with the same rows
+(x @ [256, 4096] matrices holding as many bytes), the routed experts through the native CPU kernel
+(cpu_experts.py) with one row per expert.
 """
 
 import collections
@@ -135,26 +136,35 @@ def stream_seconds(total_bytes, rows):
   return _streamed_seconds(total_bytes, (256, 4096), np.ones((rows, 256), np.float32), lambda x, w: x @ w)
 
 
-def expert_stream_seconds(total_bytes, n_experts, dim, inter, rows_per_expert):
-  """`total_bytes` of fp32 expert stacks [E, dim, inter] through the dense layout's batched matmul with
-  `rows_per_expert` rows for every expert (x[E, Z, dim] @ w[E, dim, inter], grouped_matmul.matmul's 'dense'
-  einsum)."""
+def native_stream_seconds(total_bytes, n_experts, dim, inter, top_k):
+  """`total_bytes` of fp32 expert stacks [E, dim, inter] through the native CPU kernel (cpu_experts.py) with
+  one row for every expert (E / top_k tokens, each routed to top_k experts no other token chose)."""
+  import jax
   import jax.numpy as jnp
-  return _streamed_seconds(total_bytes, (n_experts, dim, inter),
-                           np.ones((n_experts, rows_per_expert, dim), np.float32),
-                           lambda x, w: jnp.einsum('cza,cao->czo', x, w))
+  from deepseek_jax import cpu_experts
+  per = 3 * n_experts * dim * inter * 4  # w1, w2, w3 of every expert
+  rng = np.random.default_rng(0)
+  stacks = [[jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in
+             ((n_experts, dim, inter), (n_experts, inter, dim), (n_experts, dim, inter))]
+            for _ in range(max(1, round(total_bytes / per)))]
+  x = n_experts // top_k
+  x_XD = jnp.asarray(rng.standard_normal((x, dim), np.float32))
+  experts_XK = jnp.arange(x * top_k, dtype=jnp.int32).reshape(x, top_k)
+  run = jax.jit(lambda x_XD, stacks: [cpu_experts.routed_swiglu(x_XD, experts_XK, jnp.ones((x, top_k)), *ws, None)
+                                      for ws in stacks])
+  return compiled_seconds(run, x_XD, stacks) * total_bytes / (len(stacks) * per)
 
 
 def read_experts(cfg, rt, rows, distinct):
-  """(dispatch, routed experts a plain step reads over all MoE layers) by construction (grouped_matmul.py):
-  gather reads one expert per routed copy, dense every expert when the copies cover them or else each
-  distinct one once, host each expert with rows once, ragged / tiled the whole stack."""
+  """(dispatch, routed experts a plain step reads over all MoE layers) by construction (grouped_matmul.py,
+  cpu_experts.py): gather reads one expert per routed copy, dense every expert when the copies cover them or
+  else each distinct one once, native and host each expert with rows once, ragged / tiled the whole stack."""
   from deepseek_jax import grouped_matmul as gm
   copies, e, layers = rows * cfg.n_activated_experts, cfg.n_routed_experts, len(distinct)
   impl = gm.resolve(rt.gmm_impl, rows, cfg.n_activated_experts, e)
   if impl == 'gather':
     return impl, copies * layers
-  if (impl == 'dense' and copies < e) or impl == 'host':
+  if (impl == 'dense' and copies < e) or impl in ('native', 'host'):
     return impl, sum(distinct)
   return impl, e * layers
 
@@ -181,7 +191,7 @@ def main(argv):
   cfg, ours = load_hf(path, rt)  # fp32
   dense_bytes, expert_bytes = step_weight_bytes(ours)
   n_moe = cfg.n_layers - cfg.n_dense_layers
-  peer_rows, bytes_rows, split_floor = [], [], {}
+  peer_rows, bytes_rows = [], []
   for batch in (1, 8, 32):
     prompts = rng.integers(0, cfg.vocab_size, (batch, 16)).tolist()
     ours_s, ours_out = timed(lambda: generate(ours, prompts, new))
@@ -200,19 +210,17 @@ def main(argv):
     minimum = dense_bytes + expert_bytes * sum(distinct)
     impl, experts_read = read_experts(cfg, rt, batch, distinct)
     read = dense_bytes + expert_bytes * experts_read
-    floor_s = stream_seconds(minimum, batch)
+    experts_min = minimum - dense_bytes
+    # The floor: the dense weights at the rate XLA's matmuls stream them with this batch's rows, the routed
+    # experts' minimum at the native kernel's rate with one row per expert (its least work per byte).
+    floor_s = (stream_seconds(dense_bytes, batch) +
+               native_stream_seconds(experts_min, cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim,
+                                     cfg.n_activated_experts))
     ceiling = hf_s / (new * floor_s)  # the speed-up if every step took only the floor (prefill free)
     bytes_rows.append(f'| {batch} | {impl} | {read / 1e6:.2f} MB | {minimum / 1e6:.2f} MB | '
                       f'{read / minimum:.2f}x | {np.mean(distinct):.1f} of {cfg.n_routed_experts} | '
-                      f'{minimum / floor_s / 1e9:.1f} GB/s | {floor_s * 1e3:.2f} ms | {ours_s / new * 1e3:.2f} ms | '
+                      f'{floor_s * 1e3:.2f} ms | {ours_s / new * 1e3:.2f} ms | '
                       f'{hf_s / new * 1e3:.2f} ms | {ceiling:.1f}x |')
-    if batch == 8:  # the floor again, each kind of weight at the best rate measured for its access
-      experts_min = expert_bytes * sum(distinct)
-      expert_rates = {z: experts_min / expert_stream_seconds(experts_min, cfg.n_routed_experts, cfg.dim,
-                                                              cfg.moe_inter_dim, z) for z in (1, 2, 4, 8)}
-      step_s = stream_seconds(dense_bytes, batch) + experts_min / max(expert_rates.values())
-      split_floor = dict(rates=expert_rates, step_s=step_s, ceiling=hf_s / (new * step_s),
-                         rows_per_expert=batch * cfg.n_activated_experts / np.mean(distinct))
   # Held formats of the routed experts: fp32, FP8 (every projection, 128x128 scales), int4 / MXFP4.
   held_rows = []
   for label, held_rt in (('fp32', rt), ('FP8 (all projections)', dataclasses.replace(rt, fp8_weights=True)),
@@ -242,7 +250,7 @@ def main(argv):
   codec = run_codec(_WORKDIR.value)
   code_prompts = [codec.encode(text) for text in CODE_PROMPTS]
   step_rows = collections.defaultdict(list)
-  for impl in ('gather', 'dense', 'host', 'auto'):
+  for impl in ('gather', 'dense', 'host', 'native', 'auto'):
     _, trained, step = restore_model(_WORKDIR.value, dataclasses.replace(trained_rt, gmm_impl=impl))
     for rows in ROWS:
       prompts = (code_prompts * (rows // len(code_prompts) + 1))[:rows]
@@ -281,21 +289,16 @@ def main(argv):
       *peer_rows,
       '',
       'Weight bytes a plain step reads (same runs): ours by construction of the dispatch it picks, the minimum '
-      'from the distinct experts the step routes to; the floor streams the minimum at the bandwidth measured '
-      'here; ms / step divides the whole call by the new tokens (prefill included); the ceiling is the '
-      'speed-up over transformers if each of our steps took only the floor and the prefill nothing:',
+      'from the distinct experts the step routes to. The floor is that minimum at the rates measured here in '
+      'the same run: the dense weights streamed through XLA matmuls with the batch\'s rows (`stream_seconds`), '
+      'the routed experts through the native kernel with one row per expert (`native_stream_seconds`); ms / '
+      'step divides the whole call by the new tokens (prefill included); the ceiling is the speed-up over '
+      'transformers if each of our steps took only the floor and the prefill nothing:',
       '',
-      '| batch | dispatch | ours reads | minimum | ours / minimum | distinct experts per layer | bandwidth | '
+      '| batch | dispatch | ours reads | minimum | ours / minimum | distinct experts per layer | '
       'floor / step | ours ms / step | transformers ms / step | ceiling |',
-      '|---|---|---|---|---|---|---|---|---|---|---|',
+      '|---|---|---|---|---|---|---|---|---|---|',
       *bytes_rows,
-      '',
-      'At batch 8 the routed experts hold most of the minimum, and a step gives each touched expert about '
-      f'{split_floor["rows_per_expert"]:.1f} rows, not 8. Their bytes (the step\'s distinct experts) streamed '
-      'through the dense layout\'s batched matmul with Z rows per expert (`expert_stream_seconds`), GB/s: ' +
-      ', '.join(f'Z = {z}: {r / 1e9:.1f}' for z, r in split_floor['rates'].items()) +
-      f'. With the experts at the best of these and the other weights at the 8-row rate, the floor is '
-      f'{split_floor["step_s"] * 1e3:.2f} ms a step and the ceiling {split_floor["ceiling"]:.1f}x transformers.',
       '',
       'Routed experts held in each format (same random model, loaded by `load_hf` with the Runtime that says '
       'so; the weights of a step are all experts of every MoE layer plus the dense weights), tokens/s at batch 1 '
@@ -315,8 +318,8 @@ def main(argv):
       'prompts, for each expert dispatch (`Runtime.gmm_impl`), and MTP speculative with the automatic choice '
       '(acceptance in brackets):',
       '',
-      '| rows | gather | dense | host | auto | speculative (auto) |',
-      '|---|---|---|---|---|---|',
+      '| rows | gather | dense | host | native | auto | speculative (auto) |',
+      '|---|---|---|---|---|---|---|',
       *rows_table,
       '',
       'MTP speculative decoding on the same run, code prompts:',

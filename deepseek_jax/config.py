@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from deepseek_jax import quant4
 from deepseek_jax.attention import IMPLS as ATTENTION_IMPLS
+from deepseek_jax.cpu_kernels import LINEAR_IMPLS
 from deepseek_jax.expert_parallel import DISPATCHES
 from deepseek_jax.grouped_matmul import IMPLS as GMM_IMPLS
 from pallas_kernels.common import IMPLS as KERNEL_IMPLS, SCALE_FORMATS
@@ -137,6 +138,7 @@ class Runtime:
   weights4_group: int = 0  # input rows per scale: 0 the format's default (int4 128, mxfp4 32)
   weights4_impl: str = 'auto'  # 4-bit expert matmuls at decode sizes, see pallas_kernels.quant4_gemm
   gmm_impl: str = 'auto'  # routed-expert grouped matmul, see grouped_matmul.resolve
+  linear_impl: str = 'auto'  # projections: XLA, or the native CPU kernel at decode sizes (cpu_kernels.py)
   ep_dispatch: str = 'auto'  # expert-parallel dispatch, see expert_parallel.resolve
   remat: bool = False  # recompute each block in the backward pass instead of storing its activations
   scan_layers: bool = True  # False unrolls the layer loop: faster small models on CPU, compile time ~ depth
@@ -161,6 +163,7 @@ class Runtime:
       need(self.weights4_group in groups, 'weights4_group', f'{self.weights4} groups are one of {groups} (0: default)')
     need(self.weights4_impl in KERNEL_IMPLS, 'weights4_impl', f'must be one of {KERNEL_IMPLS}')
     need(self.gmm_impl in GMM_IMPLS, 'gmm_impl', f'must be one of {GMM_IMPLS}')
+    need(self.linear_impl in LINEAR_IMPLS, 'linear_impl', f'must be one of {LINEAR_IMPLS}')
     need(self.ep_dispatch in DISPATCHES, 'ep_dispatch', f'must be one of {DISPATCHES}')
     need(self.kv_block > 0, 'kv_block', 'must be positive')
     need(self.attention in ATTENTION_IMPLS, 'attention', f'must be one of {ATTENTION_IMPLS}')

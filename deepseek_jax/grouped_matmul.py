@@ -22,12 +22,16 @@ Decoding, where a step is bound by the bytes of expert weights it reads (each ex
   the distinct experts touched, when they fill C), work X * C * A * O.
 - 'gather': each copy multiplies by its own expert's gathered weight: work M * A * O, but the gather writes
   and reads M weight copies (a copy per row even when rows share an expert).
-'auto' (measured on the demo shapes, 16 experts top-4, docs/benchmarks.md "Decoding"): gather while M < E
-(the copies are nearly all distinct experts: gather reads about the minimum and needs no sort), dense once
-M >= E up to DENSE_ROWS tokens (every expert is likely touched: each read once, no copy), else ragged_dot on
-TPU, host on CPU and tiled elsewhere. On CPU dense does E / K times the multiply-adds of the copies, and the
-host loop's exact work overtakes it once X * E passes CPU_DENSE_WORK rows (the rows table there: dense
-ahead at 8 tokens, host from 16).
+- 'native' (CPU): not a layout but one native kernel for the whole routed SwiGLU and its gate-weighted sum
+  (cpu_kernels.py, called by moe.RoutedExperts): each expert with rows read once from its stack, work
+  M * A * O; a differentiated call runs the 'host' layout instead.
+'auto' (measured on the demo shapes, 16 experts top-4, docs/benchmarks.md "Decoding"): on CPU 'native' for
+float weights at every size where the kernels are built (bench/decode.py's rows table has it ahead of every
+layout from 1 to 32 rows). Otherwise gather while M < E (the copies are nearly all distinct experts: gather
+reads about the minimum and needs no sort), dense once M >= E up to DENSE_ROWS tokens (every expert is likely
+touched: each read once, no copy), else ragged_dot on TPU, host on CPU and tiled elsewhere. On CPU dense does
+E / K times the multiply-adds of the copies, and the host loop's exact work overtakes it once X * E passes
+CPU_DENSE_WORK rows (dense ahead at 8 tokens, host from 16, measured before the native kernel).
 
 Letters beyond model.py's key: A / O the input / output features of an expert weight, Y row tiles, Z the rows
 of one tile, C the candidate experts of the dense layout.
@@ -40,7 +44,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax import cpu_experts, host_gmm
+from deepseek_jax import cpu_kernels, host_gmm
 from pallas_kernels.fp8_linear import fp8_grouped_linear
 
 IMPLS = ('auto', 'native', 'ragged_dot', 'host', 'tiled', 'dense', 'gather')
@@ -62,7 +66,7 @@ def resolve(impl: str, x: int, k: int, n_experts: int, backend: str | None = Non
     raise ValueError(f'gmm impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
     backend = backend or jax.default_backend()
-    if backend == 'cpu' and native and cpu_experts.available():
+    if backend == 'cpu' and native and cpu_kernels.usable():
       return 'native'
     if x * k < n_experts:
       return 'gather'
@@ -98,7 +102,7 @@ def plan(experts_XK, n_experts: int, impl: str = 'auto') -> Dispatch:
   m = x * k
   impl = resolve(impl, x, k, n_experts, native=False)
   if impl == 'native':
-    raise ValueError("gmm impl 'native' is one fused kernel for the whole expert SwiGLU (cpu_experts.py, called "
+    raise ValueError("gmm impl 'native' is one fused kernel for the whole expert SwiGLU (cpu_kernels.py, called "
                      'by moe.RoutedExperts); it has no dispatch layout to plan')
   flat_M = experts_XK.reshape(-1)
   if impl == 'dense':

@@ -11,11 +11,13 @@ FP8 directly.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax import quant4
+from deepseek_jax import cpu_kernels, quant4
 from deepseek_jax.config import ModelConfig, Runtime
 from pallas_kernels.fp8_linear import Recipe, fp8_linear, fp8_linear_frozen
 from pallas_kernels.weight_quant import dequantize, weight_quant
@@ -96,6 +98,7 @@ class Linear(nnx.Module):
     self.dtype = rt.jnp_dtype
     self.shape = (d_in, d_out)
     self.recipe = fp8_recipe(rt) if quantize else None
+    self.impl = rt.linear_impl
     if rt.fp8_weights and quantize:
       self.kernel, self.kernel_scale = fp8_weight(rngs, (d_in, d_out), axes, cfg, rt)
     else:
@@ -115,7 +118,11 @@ class Linear(nnx.Module):
       return jnp.dot(x, self.dense_weight())
     if self.recipe is not None:
       return fp8_linear(x, self.kernel[...], self.recipe)
-    return jnp.dot(x, self.kernel[...].astype(self.dtype))
+    w = self.kernel[...]
+    xla = lambda x, w: jnp.dot(x, w.astype(self.dtype))
+    if cpu_kernels.native_linear(self.impl, math.prod(x.shape[:-1]), w):  # decoding on CPU
+      return cpu_kernels.matmul(x, w, xla).astype(self.dtype)
+    return xla(x, w)
 
 
 def swiglu(x, w1, w2, w3):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax import cpu_experts, expert_parallel, quant4
+from deepseek_jax import cpu_kernels, expert_parallel, quant4
 from deepseek_jax import grouped_matmul as gm
 from deepseek_jax.config import ModelConfig, Runtime
 from deepseek_jax.layers import MLP, dequantize_weight, fp8_recipe, fp8_weight, normal_param, quant4_weight
@@ -92,7 +92,7 @@ class RoutedExperts(nnx.Module):
     impl = impl or gm.resolve(self.gmm_impl, *experts_XK.shape, n_experts, native=self.held is None)
     if impl == 'native':  # one CPU kernel for the whole SwiGLU; a gradient goes through the exact host layout
       reference = lambda x, e, g, *ws: self._apply(x, e, g, ws, n_experts, 'host')
-      return cpu_experts.routed_swiglu(x_XD, experts_XK, weights_XK, *stored, reference).astype(self.dtype)
+      return cpu_kernels.routed_swiglu(x_XD, experts_XK, weights_XK, *stored, reference).astype(self.dtype)
     dispatch = gm.plan(experts_XK, n_experts, impl)
     rows_UD = gm.gather(dispatch, x_XD.astype(self.dtype))
     if self.held in quant4.FORMATS and dispatch.impl in ('dense', 'gather') and self.weights4_impl != 'xla':

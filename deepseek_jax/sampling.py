@@ -54,17 +54,28 @@ def filtered_logits(logits_BW, params: SamplingParams):
   return logits_BW
 
 
+def argmax(logits_BW):
+  """jnp.argmax over the last axis (the first index of the largest value, of the first NaN if any) in plain
+  reductions: XLA:CPU runs argmax's paired (value, index) reduction unvectorized, measured at 97 us for
+  8 x 4,096 logits against 50 us this way (2 cores), in every greedy decode step."""
+  nan_BW = jnp.isnan(logits_BW)  # XLA:CPU's max does not propagate NaN: handled apart
+  best_B1 = jnp.where(nan_BW, -jnp.inf, logits_BW).max(axis=-1, keepdims=True)
+  hit_BW = jnp.where(nan_BW.any(axis=-1, keepdims=True), nan_BW, logits_BW == best_B1)
+  vocab = logits_BW.shape[-1]
+  return jnp.min(jnp.where(hit_BW, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
 def sample(logits_BW, key, params: SamplingParams):
   """One token per row: the argmax at temperature 0, else a draw from the filtered distribution."""
   if params.temperature == 0:
-    return jnp.argmax(logits_BW, axis=-1).astype(jnp.int32)
+    return argmax(logits_BW)
   return jax.random.categorical(key, filtered_logits(logits_BW, params), axis=-1).astype(jnp.int32)
 
 
 def accept_draft(target_logits_BW, draft_logits_BW, draft_B, key, params: SamplingParams):
   """(accepted_B, token_B): whether each row keeps its draft, and the token it emits (the draft when kept)."""
   if params.temperature == 0:
-    target_B = jnp.argmax(target_logits_BW, axis=-1).astype(jnp.int32)
+    target_B = argmax(target_logits_BW)
     return target_B == draft_B, target_B
   p_BW = jax.nn.softmax(filtered_logits(target_logits_BW, params), axis=-1)
   q_BW = jax.nn.softmax(filtered_logits(draft_logits_BW, params), axis=-1)

@@ -91,17 +91,17 @@ def require(module: str):
 
 
 def require_native():
-  """The native CPU expert kernel (cpu_experts.py), built on first use with the machine's C++ compiler: the
-  CPU's default expert path, so CI (DEEPSEEK_JAX_REQUIRE_EXTRAS=1) fails without it; elsewhere the test skips
+  """The native CPU kernels (cpu_kernels.py), built on first use with the machine's C++ compiler: the CPU's
+  default decode path, so CI (DEEPSEEK_JAX_REQUIRE_EXTRAS=1) fails without them; elsewhere the test skips
   with the reason."""
   import os
 
   import pytest
 
-  from deepseek_jax import cpu_experts
-  if cpu_experts.available():
+  from deepseek_jax import cpu_kernels
+  if cpu_kernels.available():
     return
   if os.environ.get('DEEPSEEK_JAX_REQUIRE_EXTRAS') == '1':
-    raise RuntimeError('the native CPU expert kernel is required here (DEEPSEEK_JAX_REQUIRE_EXTRAS=1) and could '
-                       'not be built: see the warning logged by deepseek_jax.cpu_experts')
-  pytest.skip('the native CPU expert kernel could not be built here (no C++ compiler?): skipping')
+    raise RuntimeError('the native CPU kernels are required here (DEEPSEEK_JAX_REQUIRE_EXTRAS=1) and could not '
+                       'be built: see the warning logged by deepseek_jax.cpu_kernels')
+  pytest.skip('the native CPU kernels could not be built here (no C++ compiler?): skipping')
