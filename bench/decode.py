@@ -17,7 +17,7 @@ the minimum (the dense weights + each MoE layer's distinct experts of that step,
 teacher-forced forward over the generated tokens). The floor is that minimum at the rates this machine
 streams fp32 weights, measured in the same run: the dense weights through XLA matmuls with the same rows
 (x @ [256, 4096] matrices holding as many bytes), the routed experts through the native CPU kernel
-(cpu_experts.py) with one row per expert.
+(cpu_kernels.py) with one row per expert.
 """
 
 import collections
@@ -47,6 +47,7 @@ def timed(fn):
   fn()  # warm-up: compilation / allocator
   times = []
   for _ in range(_REPEATS.value):
+    time.sleep(0.2)  # PyTorch's threads spin for a while after its ops (bench/timing.py): let them stop
     start = time.perf_counter()
     result = fn()
     times.append(time.perf_counter() - start)
@@ -137,11 +138,11 @@ def stream_seconds(total_bytes, rows):
 
 
 def native_stream_seconds(total_bytes, n_experts, dim, inter, top_k):
-  """`total_bytes` of fp32 expert stacks [E, dim, inter] through the native CPU kernel (cpu_experts.py) with
+  """`total_bytes` of fp32 expert stacks [E, dim, inter] through the native CPU kernel (cpu_kernels.py) with
   one row for every expert (E / top_k tokens, each routed to top_k experts no other token chose)."""
   import jax
   import jax.numpy as jnp
-  from deepseek_jax import cpu_experts
+  from deepseek_jax import cpu_kernels
   per = 3 * n_experts * dim * inter * 4  # w1, w2, w3 of every expert
   rng = np.random.default_rng(0)
   stacks = [[jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in
@@ -150,14 +151,30 @@ def native_stream_seconds(total_bytes, n_experts, dim, inter, top_k):
   x = n_experts // top_k
   x_XD = jnp.asarray(rng.standard_normal((x, dim), np.float32))
   experts_XK = jnp.arange(x * top_k, dtype=jnp.int32).reshape(x, top_k)
-  run = jax.jit(lambda x_XD, stacks: [cpu_experts.routed_swiglu(x_XD, experts_XK, jnp.ones((x, top_k)), *ws, None)
+  run = jax.jit(lambda x_XD, stacks: [cpu_kernels.routed_swiglu(x_XD, experts_XK, jnp.ones((x, top_k)), *ws, None)
                                       for ws in stacks])
   return compiled_seconds(run, x_XD, stacks) * total_bytes / (len(stacks) * per)
 
 
+def projection_seconds(model, rows):
+  """(native, XLA) seconds for every projection a plain step runs (the Linear weights outside the embedding and
+  the MTP block), each x[rows, in] @ w, one compiled call each way (cpu_kernels.matmul against jnp.dot)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from deepseek_jax import cpu_kernels
+  from deepseek_jax.layers import Linear
+  ws = [m.kernel[...] for path, m in nnx.iter_graph(model)
+        if isinstance(m, Linear) and path[0] not in ('embed', 'mtp')]
+  xs = [jnp.asarray(np.random.default_rng(i).standard_normal((rows, w.shape[0]), np.float32)) for i, w in enumerate(ws)]
+  native = jax.jit(lambda xs, ws: [cpu_kernels.matmul(x, w, None) for x, w in zip(xs, ws)])
+  xla = jax.jit(lambda xs, ws: [jnp.dot(x, w) for x, w in zip(xs, ws)])
+  return compiled_seconds(native, xs, ws), compiled_seconds(xla, xs, ws), sum(w.nbytes for w in ws)
+
+
 def read_experts(cfg, rt, rows, distinct):
   """(dispatch, routed experts a plain step reads over all MoE layers) by construction (grouped_matmul.py,
-  cpu_experts.py): gather reads one expert per routed copy, dense every expert when the copies cover them or
+  cpu_kernels.py): gather reads one expert per routed copy, dense every expert when the copies cover them or
   else each distinct one once, native and host each expert with rows once, ragged / tiled the whole stack."""
   from deepseek_jax import grouped_matmul as gm
   copies, e, layers = rows * cfg.n_activated_experts, cfg.n_routed_experts, len(distinct)
@@ -174,7 +191,7 @@ def main(argv):
   import jax
   import torch
   from configs import demo
-  from deepseek_jax import cost
+  from deepseek_jax import cost, cpu_kernels
   from deepseek_jax.cache import CacheForm, bytes_per_token
   from deepseek_jax.config import Runtime
   from deepseek_jax.generate import generate
@@ -221,6 +238,11 @@ def main(argv):
                       f'{read / minimum:.2f}x | {np.mean(distinct):.1f} of {cfg.n_routed_experts} | '
                       f'{floor_s * 1e3:.2f} ms | {ours_s / new * 1e3:.2f} ms | '
                       f'{hf_s / new * 1e3:.2f} ms | {ceiling:.1f}x |')
+  projection_rows = []
+  for rows in (1, 2, 4, 8, 16, 32, 64):
+    native_s, xla_s, nbytes = projection_seconds(ours.unstacked(), rows)
+    projection_rows.append(f'| {rows} | {native_s * 1e3:.3f} | {xla_s * 1e3:.3f} | {xla_s / native_s:.2f}x | '
+                           f'{nbytes / native_s / 1e9:.1f} | {nbytes / xla_s / 1e9:.1f} |')
   # Held formats of the routed experts: fp32, FP8 (every projection, 128x128 scales), int4 / MXFP4.
   held_rows = []
   for label, held_rt in (('fp32', rt), ('FP8 (all projections)', dataclasses.replace(rt, fp8_weights=True)),
@@ -300,9 +322,18 @@ def main(argv):
       '|---|---|---|---|---|---|---|---|---|---|',
       *bytes_rows,
       '',
+      'The projections of a plain step (every Linear weight outside the embedding and the MTP block), each '
+      'x[rows, in] @ w in one compiled call, through the native kernel (`cpu_kernels.matmul`, what `Linear` runs '
+      f'up to {cpu_kernels.LINEAR_ROWS} rows) and through XLA (`projection_seconds`), ms:',
+      '',
+      '| rows | native ms | XLA ms | XLA / native | native GB/s | XLA GB/s |',
+      '|---|---|---|---|---|---|',
+      *projection_rows,
+      '',
       'Routed experts held in each format (same random model, loaded by `load_hf` with the Runtime that says '
       'so; the weights of a step are all experts of every MoE layer plus the dense weights), tokens/s at batch 1 '
-      'and 8:',
+      'and 8. On CPU the native kernels read float weights only: FP8 and 4-bit experts run through XLA\'s '
+      'gather / dense layouts, dequantized after the read (FP8-held projections through XLA too):',
       '',
       '| routed experts | expert bytes | weight bytes (dense + all experts) | tokens/s b1 | tokens/s b8 |',
       '|---|---|---|---|---|',

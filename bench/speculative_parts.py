@@ -8,8 +8,11 @@ Each part is jitted as a loop of 16 calls whose tokens change with the iteration
 of the loop), timed as the median of 9 runs after a warm-up. "Without routed experts" traces the same parts
 with every MoE layer's routed-expert output replaced by zeros (the shared experts, attention, norms and head
 unchanged; the gate, whose routing only the experts use, may be compiled away with them): what a part costs
-without reading a routed expert's weights. Writes the "Speculative decoding, part by part" section of
-docs/benchmarks.md.
+without reading a routed expert's weights. Then the weights a real plain and speculative step read (the
+routed experts counted from the routing of the greedy tokens), the rate at which this machine streams a
+working set of that size (`stream_rate`: its caches decide it), and the step times measured inside
+generate(): whether a speculative step's bytes alone leave it room to pay. Writes the "Speculative decoding,
+part by part" section of docs/benchmarks.md.
 """
 
 import contextlib
@@ -85,10 +88,106 @@ def speculative_parts(model, prompts, repeats=16):
   return ms
 
 
+def routed_experts_per_step(model, prompts, tokens):
+  """(plain, speculative): routed experts a decode step reads, summed over the MoE layers, mean over the
+  steps: from the routing of one teacher-forced forward (and MTP forward) over the prompts cut to the shortest
+  and the greedy tokens after them (each row's `tokens`). A plain step at position p reads each trunk layer's
+  experts chosen by the rows at p; a speculative one the experts of p and p + 1 in every trunk layer and in
+  the MTP block's."""
+  import jax.numpy as jnp
+  import numpy as np
+  from deepseek_jax import moe
+  t = min(len(p) for p in prompts)
+  tokens_BT = jnp.asarray([p[:t] + list(g) for p, g in zip(prompts, tokens)], jnp.int32)
+  seen = []
+  call = moe.MoE.__call__
+
+  def spy(self, x_BTD):
+    seen.append(np.asarray(self.gate(x_BTD.reshape(-1, x_BTD.shape[-1])).experts_XK).reshape(*x_BTD.shape[:2], -1))
+    return call(self, x_BTD)
+
+  moe.MoE.__call__ = spy
+  try:
+    decoder = model.unstacked()  # per-layer blocks run eagerly: the spy sees each layer
+    hidden = decoder.forward(tokens_BT).hidden_BTD
+    decoder.mtp_forward(jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1))), hidden)
+  finally:
+    moe.MoE.__call__ = call
+  *trunk, mtp = seen
+  steps = range(t - 1, tokens_BT.shape[1] - 2)  # the positions a decode step runs (the last needs p + 1)
+  distinct = lambda e_BTK, ps: len(np.unique(e_BTK[:, list(ps)]))
+  plain = np.mean([sum(distinct(e, [p]) for e in trunk) for p in steps])
+  spec = np.mean([sum(distinct(e, [p, p + 1]) for e in trunk + [mtp]) for p in steps])
+  return plain, spec
+
+
+def stream_rate(nbytes, rows):
+  """Bytes per second this machine streams a working set of `nbytes` of fp32 weights, over and over, through
+  the native CPU kernel with `rows` rows (cpu_kernels.matmul on [256, 4096] weights holding as many bytes):
+  the rate of a decode step whose weights are that many bytes, as far as its cache residency goes."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from deepseek_jax import cpu_kernels
+  per = 256 * 4096 * 4
+  ws = [jnp.asarray(np.random.default_rng(i).standard_normal((256, 4096), np.float32))
+        for i in range(max(1, round(nbytes / per)))]
+  run = jax.jit(lambda x, ws: [cpu_kernels.matmul(x, w, None) for w in ws])
+  return len(ws) * per / compiled_seconds(run, jnp.ones((rows, 256), jnp.float32), ws)
+
+
+def weight_bytes(model):
+  """(the weights a plain step reads but its routed experts, the MTP block's but its routed experts, one
+  routed expert of one layer), in bytes: the embedding (one row per token) left out."""
+  from flax import nnx
+  dense, mtp, expert = 0, 0, 0
+  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    names = [str(p) for p in path]
+    if names[0] == 'embed':
+      continue
+    if 'experts' in names and 'shared_experts' not in names:
+      if names[0] == 'moe_layers':  # [layers, E, ...]: w1, w2 and w3 of one expert of one layer, summed
+        expert += value[...].nbytes // (value.shape[0] * value.shape[1])
+    elif names[0] == 'mtp':
+      mtp += value[...].nbytes
+    else:
+      dense += value[...].nbytes
+  return dense, mtp, expert
+
+
+def generate_step_ms(generate, model, prompts, new, speculative):
+  """Milliseconds per decode step inside generate(): (a new-token call - a 2-token call) / the steps between,
+  medians of 5 after a warm-up; and the long call's result."""
+  import statistics
+  import time
+  times = {}
+  for n in (new, 2):
+    generate(model, prompts, n, speculative=speculative)
+    runs = []
+    for _ in range(5):
+      start = time.perf_counter()
+      result = generate(model, prompts, n, speculative=speculative)
+      runs.append(time.perf_counter() - start)
+    times[n] = (statistics.median(runs), result)
+  (long_s, long), (short_s, short) = times[new], times[2]
+  return (long_s - short_s) / (long.steps - short.steps) * 1e3, long
+
+
 def step_ms(ms):
   """(plain step, speculative step): a speculative step runs the verification, the MTP block, the draft's
   head rows and the acceptance."""
   return ms[PLAIN], ms[VERIFY] + ms[MTP] + ms[DRAFT] + ms[ACCEPT]
+
+
+def _l3_bytes() -> str:
+  """This machine's last-level cache as lscpu reports it (Linux), for the text."""
+  import subprocess
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, timeout=10).stdout
+  except (OSError, subprocess.SubprocessError):
+    return 'its cache size unknown'
+  line = next((l for l in out.splitlines() if l.startswith('L3 cache')), None)
+  return f'L3 cache {line.split(":", 1)[1].strip()}' if line else 'its cache size unknown'
 
 
 def main(argv):
@@ -103,15 +202,34 @@ def main(argv):
   _, model, step = restore_model(_WORKDIR.value, runtime(demo.get_config()))
   codec = run_codec(_WORKDIR.value)
   batches = {1: [codec.encode(CODE_PROMPTS[0])], 8: [codec.encode(p) for p in CODE_PROMPTS]}
-  columns, findings = {}, []
+  columns, findings, bytes_rows, verdicts = {}, [], [], []
+  dense_bytes, mtp_bytes, expert_bytes = weight_bytes(model)
   for rows, prompts in batches.items():
     with_experts = speculative_parts(model, prompts)
     with routed_experts_zeroed():
       without = speculative_parts(model, prompts)
     columns[rows] = (with_experts, without)
-    plain = generate(model, prompts, _NEW.value)
-    spec = generate(model, prompts, _NEW.value, speculative=True)
+    plain_step, plain = generate_step_ms(generate, model, prompts, _NEW.value, False)
+    spec_step, spec = generate_step_ms(generate, model, prompts, _NEW.value, True)
     acceptance = spec.accepted / spec.drafts
+    plain_experts, spec_experts = routed_experts_per_step(model, prompts, plain.tokens)
+    plain_bytes = dense_bytes + expert_bytes * plain_experts
+    spec_bytes = dense_bytes + mtp_bytes + expert_bytes * spec_experts  # the head counted once
+    plain_rate, spec_rate = stream_rate(plain_bytes, rows), stream_rate(spec_bytes, 2 * rows)
+    spec_floor = spec_bytes / spec_rate * 1e3  # ms: the speculative step's weights alone, at this working set
+    bytes_rows.append(
+        f'| {rows} | {plain_bytes / 1e6:.1f} MB ({plain_experts:.1f}) | {spec_bytes / 1e6:.1f} MB ({spec_experts:.1f}) '
+        f'| {spec_bytes / plain_bytes:.2f}x | {plain_rate / 1e9:.1f} / {spec_rate / 1e9:.1f} GB/s | '
+        f'{plain_bytes / plain_rate * 1e3:.3f} / {spec_floor:.3f} ms | {plain_step:.3f} / {spec_step:.3f} ms | '
+        f'{spec_step / plain_step:.2f}x | {spec_floor / plain_step:.2f}x | {1 + acceptance:.2f}x |')
+    verdicts.append(
+        f'at {rows} row{"s" if rows > 1 else ""} a speculative step\'s weights alone take {spec_floor:.3f} ms at the '
+        f'rate this machine streams {spec_bytes / 1e6:.1f} MB, {spec_floor / plain_step:.2f}x the measured plain '
+        f'step ({plain_step:.3f} ms), ' +
+        (f'at or above 1 + acceptance = {1 + acceptance:.2f}x: no speculative step can pay here, whatever its '
+         'other costs' if spec_floor / plain_step >= 1 + acceptance else
+         f'below 1 + acceptance = {1 + acceptance:.2f}x: the bytes leave room for a speculative step to pay, '
+         f'and the measured one costs {spec_step / plain_step:.2f}x'))
     (plain_ms, spec_ms), (plain0_ms, spec0_ms) = step_ms(with_experts), step_ms(without)
     experts_plain, experts_spec = plain_ms - plain0_ms, spec_ms - spec0_ms
     trunk1, trunk2 = with_experts[PLAIN] - without[PLAIN], with_experts[VERIFY] - without[VERIFY]
@@ -131,6 +249,7 @@ def main(argv):
              for name in columns[1][0]]
   steps_md = ['| speculative step (verification + MTP + draft head + acceptance) | ' +
               ' | '.join(f'{step_ms(w)[1]:.3f} | {step_ms(z)[1]:.3f}' for w, z in columns.values()) + ' |']
+  cache = _l3_bytes()
   text = '\n'.join([
       f'Command: `python bench/speculative_parts.py --workdir={_WORKDIR.value}` ({os.cpu_count()} CPU cores, jax '
       f'{jax.__version__}): the trained demo run at step {step}, fp32, after the prompt {CODE_PROMPTS[0]!r} (1 row) '
@@ -143,6 +262,20 @@ def main(argv):
       *steps_md,
       '',
       *[f + '\n' for f in findings],
+      'The parts above each run alone, in a loop that keeps their own weights in the caches; a real step runs '
+      'them one after the other. The weights a step reads against this machine\'s speed at that working set '
+      f'({cache}): bytes by construction (the routed experts counted from the routing of the greedy tokens, '
+      '`routed_experts_per_step`, per step over all MoE layers in brackets; the head counted once), the rate '
+      'at which the native kernel streams a working set of that many bytes over and over with the step\'s '
+      'rows (`stream_rate`: 1 token a row plain, 2 speculative), the bytes\' time at that rate, and the '
+      'step times measured inside generate():',
+      '',
+      '| rows | plain reads | speculative reads | bytes ratio | rate plain / spec | bytes\' time plain / spec | '
+      'generate step plain / spec | measured ratio | spec bytes\' time / plain step | pays below (1 + acceptance) |',
+      '|---|---|---|---|---|---|---|---|---|---|',
+      *bytes_rows,
+      '',
+      f'So {"; ".join(verdicts)}.',
   ]).rstrip()
   print(text)
   replace_section('Speculative decoding, part by part', text)

@@ -92,10 +92,10 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
   tokens_BT = np.asarray([p + [0] * (t - len(p)) for p in prompts] + [[0] * t] * (rows - b), np.int32)
   live_B = np.arange(rows) < b
   stops = tuple(int(s) for s in stop_tokens)
-  decoder, graphdef, weights = _decoder(model)
+  decoder, graphdef, weights, caches = _decoder(model)
   make_cache = lambda: decoder.init_cache(rows, t + max_new_tokens + 2, cache, cache_dtype)
   if mesh is None:
-    kv_cache = make_cache()
+    kv_cache = _empty_cache(graphdef, weights, caches, rows, t + max_new_tokens + 2, cache, cache_dtype)
     inputs = tuple(map(jnp.asarray, (tokens_BT, lengths_B, live_B)))
   else:  # each device builds only its rows of the cache
     kv_cache = jax.jit(make_cache, out_shardings=kv.shardings(jax.eval_shape(make_cache), mesh))()
@@ -125,26 +125,41 @@ def generate(model: DeepSeekV3, prompts: Sequence[Sequence[int]], max_new_tokens
                     int(accepted))
 
 
-# model -> (its weight arrays, (the model to decode with, its hashed GraphDef, its weights)): a model decoded
-# again with the same arrays (jax arrays are immutable; an update puts new ones in) reuses them, held while the
-# model lives. The decoder is the model itself, or for an unrolled one its per-layer copy; split once and the
-# GraphDef hashed once (jax.jit hashes a static argument on every call). Measured on the demo's shapes (fp32,
-# 64 new tokens, 2 cores): a call at batch 1 took 70.6 ms unstacking each time, 48.6 ms reusing the copy; held
-# split and hash, a 2-new-token call took 12.2 ms against 21.5 splitting each call (trained demo, median of 9).
+# model -> (its Variables, their arrays, (the model to decode with, its hashed GraphDef, its weights, empty
+# caches)): a model decoded again with the same arrays in the same Variables (jax arrays are immutable: an
+# update, by an optimizer, nnx.update or a load, puts new ones in) reuses them, held while the model lives; a
+# model whose submodules are replaced by new ones is not noticed (as with nnx.cached_partial): decode a new
+# model object instead. The decoder is the model itself, or for an unrolled one its per-layer copy; split once
+# and the GraphDef hashed once (jax.jit hashes a static argument on every call). Measured on the demo's shapes
+# (fp32, 64 new tokens, 2 cores): a call at batch 1 took 70.6 ms unstacking each time, 48.6 ms reusing the
+# copy; held split and hash, a 2-new-token call took 12.2 ms against 21.5 splitting each call (trained demo,
+# median of 9); the Variables' own arrays compared instead of nnx.state's leaves, 3.4 ms less per call.
 _DECODERS = weakref.WeakKeyDictionary()
 
 
-def _decoder(model: DeepSeekV3) -> tuple[DeepSeekV3, '_Static', nnx.State]:
-  arrays = jax.tree.leaves(nnx.state(model))
+def _decoder(model: DeepSeekV3) -> tuple[DeepSeekV3, '_Static', nnx.State, dict]:
   held = _DECODERS.get(model)
-  if held is not None and len(held[0]) == len(arrays) and all(a is b for a, b in zip(held[0], arrays)):
-    decoder, graphdef, weights = held[1]
+  if held is not None and all(v.get_raw_value() is a for v, a in zip(held[0], held[1])):
+    decoder, graphdef, weights, caches = held[2]
   else:
+    variables = [v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
     decoder = None if model.rt.scan_layers else model.unstacked()  # None: the model (a value must not hold its key)
     graphdef, weights = nnx.split(decoder or model)
-    graphdef = _Static(graphdef)
-    _DECODERS[model] = (arrays, (decoder, graphdef, weights))
-  return decoder or model, graphdef, weights
+    graphdef, caches = _Static(graphdef), {}
+    _DECODERS[model] = (variables, [v.get_raw_value() for v in variables], (decoder, graphdef, weights, caches))
+  return decoder or model, graphdef, weights, caches
+
+
+def _empty_cache(graphdef: '_Static', weights, caches: dict, rows: int, length: int, form: CacheForm,
+                 dtype) -> Cache:
+  """The decoder's init_cache(...) as one compiled call, its maker held per decoder and shape (created eagerly,
+  the zeros cost ~1.6 ms of dispatch per generate call at the demo's shapes). The maker holds the weights'
+  shapes, not the model."""
+  key = (rows, length, form, None if dtype is None else jnp.dtype(dtype))
+  if key not in caches:
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), weights)
+    caches[key] = jax.jit(lambda: _merge(graphdef, shapes).init_cache(rows, length, form, dtype))
+  return caches[key]()
 
 
 def _placed(model: DeepSeekV3, mesh, allow_replicated: bool) -> DeepSeekV3:
@@ -227,7 +242,8 @@ def _start(graphdef, weights, tokens_BT, lengths_B, live_B, cache, key, max_new,
   out = model.forward(tokens_BT, cache=cache)  # prefill: positions 0 .. T - 1 of every row
   cache = out.cache
   key, first_key, draft_key = jax.random.split(key, 3)
-  token_B = sample(out.logits_BTW[rows_B, lengths_B - 1], first_key, params)
+  # The head at each row's last prompt position only (the logits of the others are never computed).
+  token_B = sample(model.head(out.hidden_BTD[rows_B, lengths_B - 1]), first_key, params)
   out_BJ = jnp.zeros((b, max_new + 1), jnp.int32).at[:, 0].set(token_B)
   done_B = _is_stop(token_B, stops) | (max_new <= 1) | ~live_B
   draft_B = jnp.zeros((b,), jnp.int32)
