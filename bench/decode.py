@@ -9,7 +9,8 @@ layers unrolled, the faster decode on CPU), greedy, equal-length prompts; the ro
 tables decode the trained demo run (trained first when --workdir does not hold one). Tokens/s = new tokens of
 all rows / wall time of generate() including the prefill; a step's time = (time of a max_new_tokens call -
 time of a 2-token call) / the steps between them. Each figure is the median of --repeats runs after a warm-up
-run (compilation excluded). Writes the "Decoding" section of docs/benchmarks.md.
+run (compilation excluded), each run after 0.5 s idle; ours and transformers are timed in turn, a run of each
+per round. Writes the "Decoding" section of docs/benchmarks.md.
 
 Weight bytes per step: what a plain decode step reads of the weights (the embedding's rows and the MTP block
 are not read), counted by construction from the expert dispatch that `grouped_matmul.resolve` picks, against
@@ -43,15 +44,20 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs (median reported) afte
 ROWS = (1, 2, 4, 8, 16, 32)
 
 
-def timed(fn):
-  fn()  # warm-up: compilation / allocator
-  times = []
+def timed(*fns):
+  """(median seconds, last result) of each fn over --repeats runs after a warm-up run each, the fns timed in
+  turn (one run of each per round) so that a drift in the machine's speed falls on all of them alike, each
+  run after 0.5 s idle: PyTorch's threads spin for a while after its ops (bench/timing.py)."""
+  results = [fn() for fn in fns]  # warm-up: compilation / allocator
+  times = [[] for _ in fns]
   for _ in range(_REPEATS.value):
-    time.sleep(0.2)  # PyTorch's threads spin for a while after its ops (bench/timing.py): let them stop
-    start = time.perf_counter()
-    result = fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), result
+    for i, fn in enumerate(fns):
+      time.sleep(0.5)
+      start = time.perf_counter()
+      results[i] = fn()
+      times[i].append(time.perf_counter() - start)
+  out = [(statistics.median(t), r) for t, r in zip(times, results)]
+  return out[0] if len(fns) == 1 else out
 
 
 def step_seconds(model, prompts, **kw):
@@ -211,14 +217,13 @@ def main(argv):
   peer_rows, bytes_rows = [], []
   for batch in (1, 8, 32):
     prompts = rng.integers(0, cfg.vocab_size, (batch, 16)).tolist()
-    ours_s, ours_out = timed(lambda: generate(ours, prompts, new))
     ids = torch.tensor(prompts)
 
     def hf_generate():
       with torch.no_grad():
         return hf_model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
-    hf_s, hf_out = timed(hf_generate)
+    (ours_s, ours_out), (hf_s, hf_out) = timed(lambda: generate(ours, prompts, new), hf_generate)
     same = sum(a == b[16:].tolist() for a, b in zip(ours_out.tokens, hf_out))
     peer_rows.append(f'| {batch} | {batch * new / ours_s:,.0f} | {batch * new / hf_s:,.0f} | '
                      f'{hf_s / ours_s:.2f}x | {same}/{batch} |')

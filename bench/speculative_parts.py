@@ -10,12 +10,13 @@ with every MoE layer's routed-expert output replaced by zeros (the shared expert
 unchanged; the gate, whose routing only the experts use, may be compiled away with them): what a part costs
 without reading a routed expert's weights. Then the weights a real plain and speculative step read (the
 routed experts counted from the routing of the greedy tokens), the rate at which this machine streams a
-working set of that size (`stream_rate`: its caches decide it), and the step times measured inside
+working set of that size (`stream`: its caches decide it), and the step times measured inside
 generate(): whether a speculative step's bytes alone leave it room to pay. Writes the "Speculative decoding,
 part by part" section of docs/benchmarks.md.
 """
 
 import contextlib
+import functools
 import os
 import sys
 
@@ -121,10 +122,11 @@ def routed_experts_per_step(model, prompts, tokens):
   return plain, spec
 
 
-def stream_rate(nbytes, rows):
-  """Bytes per second this machine streams a working set of `nbytes` of fp32 weights, over and over, through
-  the native CPU kernel with `rows` rows (cpu_kernels.matmul on [256, 4096] weights holding as many bytes):
-  the rate of a decode step whose weights are that many bytes, as far as its cache residency goes."""
+def stream(nbytes, rows):
+  """(a call that streams a working set of `nbytes` of fp32 weights through the native CPU kernel with `rows`
+  rows, once: cpu_kernels.matmul on [256, 4096] weights holding as many bytes; the bytes it streams). Called
+  over and over, it runs at this machine's rate for a decode step whose weights are that many bytes, as far
+  as its cache residency goes."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -133,7 +135,24 @@ def stream_rate(nbytes, rows):
   ws = [jnp.asarray(np.random.default_rng(i).standard_normal((256, 4096), np.float32))
         for i in range(max(1, round(nbytes / per)))]
   run = jax.jit(lambda x, ws: [cpu_kernels.matmul(x, w, None) for w in ws])
-  return len(ws) * per / compiled_seconds(run, jnp.ones((rows, 256), jnp.float32), ws)
+  x = jnp.ones((rows, 256), jnp.float32)
+  return lambda: jax.block_until_ready(run(x, ws)), len(ws) * per
+
+
+def interleaved(calls, rounds=7):
+  """Median seconds of each call, after a warm-up call each, timed in turn (one call of each per round) so that
+  a drift in this machine's speed falls on all of them alike."""
+  import statistics
+  import time
+  for call in calls.values():
+    call()
+  times = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def weight_bytes(model):
@@ -153,24 +172,6 @@ def weight_bytes(model):
     else:
       dense += value[...].nbytes
   return dense, mtp, expert
-
-
-def generate_step_ms(generate, model, prompts, new, speculative):
-  """Milliseconds per decode step inside generate(): (a new-token call - a 2-token call) / the steps between,
-  medians of 5 after a warm-up; and the long call's result."""
-  import statistics
-  import time
-  times = {}
-  for n in (new, 2):
-    generate(model, prompts, n, speculative=speculative)
-    runs = []
-    for _ in range(5):
-      start = time.perf_counter()
-      result = generate(model, prompts, n, speculative=speculative)
-      runs.append(time.perf_counter() - start)
-    times[n] = (statistics.median(runs), result)
-  (long_s, long), (short_s, short) = times[new], times[2]
-  return (long_s - short_s) / (long.steps - short.steps) * 1e3, long
 
 
 def step_ms(ms):
@@ -209,13 +210,19 @@ def main(argv):
     with routed_experts_zeroed():
       without = speculative_parts(model, prompts)
     columns[rows] = (with_experts, without)
-    plain_step, plain = generate_step_ms(generate, model, prompts, _NEW.value, False)
-    spec_step, spec = generate_step_ms(generate, model, prompts, _NEW.value, True)
+    plain, spec = (generate(model, prompts, _NEW.value, speculative=v) for v in (False, True))
     acceptance = spec.accepted / spec.drafts
     plain_experts, spec_experts = routed_experts_per_step(model, prompts, plain.tokens)
     plain_bytes = dense_bytes + expert_bytes * plain_experts
     spec_bytes = dense_bytes + mtp_bytes + expert_bytes * spec_experts  # the head counted once
-    plain_rate, spec_rate = stream_rate(plain_bytes, rows), stream_rate(spec_bytes, 2 * rows)
+    (plain_stream, plain_streamed), (spec_stream, spec_streamed) = stream(plain_bytes, rows), stream(spec_bytes, 2 * rows)
+    calls = {(v, n): functools.partial(generate, model, prompts, n, speculative=v) for v in (False, True)
+             for n in (_NEW.value, 2)}
+    seconds = interleaved({**calls, 'plain stream': plain_stream, 'spec stream': spec_stream})
+    short_steps = {v: generate(model, prompts, 2, speculative=v).steps for v in (False, True)}
+    step = lambda v, result: (seconds[(v, _NEW.value)] - seconds[(v, 2)]) / (result.steps - short_steps[v]) * 1e3
+    plain_step, spec_step = step(False, plain), step(True, spec)  # ms per decode step inside generate()
+    plain_rate, spec_rate = plain_streamed / seconds['plain stream'], spec_streamed / seconds['spec stream']
     spec_floor = spec_bytes / spec_rate * 1e3  # ms: the speculative step's weights alone, at this working set
     bytes_rows.append(
         f'| {rows} | {plain_bytes / 1e6:.1f} MB ({plain_experts:.1f}) | {spec_bytes / 1e6:.1f} MB ({spec_experts:.1f}) '
@@ -267,8 +274,9 @@ def main(argv):
       f'({cache}): bytes by construction (the routed experts counted from the routing of the greedy tokens, '
       '`routed_experts_per_step`, per step over all MoE layers in brackets; the head counted once), the rate '
       'at which the native kernel streams a working set of that many bytes over and over with the step\'s '
-      'rows (`stream_rate`: 1 token a row plain, 2 speculative), the bytes\' time at that rate, and the '
-      'step times measured inside generate():',
+      'rows (`stream`: 1 token a row plain, 2 speculative), the bytes\' time at that rate, and the step times '
+      'measured inside generate() (a --new_tokens call less a 2-token call, over the steps between); the streams '
+      'and the generate() calls timed in turn, medians of 7 rounds (`interleaved`):',
       '',
       '| rows | plain reads | speculative reads | bytes ratio | rate plain / spec | bytes\' time plain / spec | '
       'generate step plain / spec | measured ratio | spec bytes\' time / plain step | pays below (1 + acceptance) |',

@@ -84,7 +84,13 @@ def _build() -> Path:
   library = cache_dir() / f'cpu_kernels-{key}.so'
   if library.exists():
     return library
-  library.parent.mkdir(parents=True, exist_ok=True)
+  try:
+    library.parent.mkdir(parents=True, exist_ok=True)
+  except OSError:  # an unwritable home: the system's temporary directory instead
+    library = Path(tempfile.gettempdir()) / f'deepseek_jax-{os.getuid()}' / library.name
+    library.parent.mkdir(parents=True, exist_ok=True)
+    if library.exists():
+      return library
   errors = []
   for extra in (NATIVE_FLAGS, ()):
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix='.so.tmp', delete=False) as tmp:

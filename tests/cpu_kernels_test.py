@@ -4,6 +4,7 @@ gradients, and their build."""
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,19 @@ class BuildTest(absltest.TestCase):
     self.assertEqual(lines[0], 'False dense False')
     self.assertIn('unavailable: compiling the native CPU kernels failed', lines[1])
     self.assertIn('the native CPU kernels are unavailable', out.stderr)
+
+  def test_an_unwritable_cache_falls_back_to_the_temporary_directory(self):
+    # The cache's parent is a file, so it cannot be created: the build goes to the system's temporary
+    # directory (the compiler fails here, so the error names the command and its output path, and nothing
+    # is left there).
+    parent = self.create_tempfile().full_path
+    code = ('from deepseek_jax import cpu_kernels\n'
+            'try:\n  cpu_kernels._build()\nexcept cpu_kernels.Unavailable as e:\n  print(e)\n')
+    env = dict(os.environ, CXX='false', DEEPSEEK_JAX_CACHE=os.path.join(parent, 'cache'))
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    self.assertEqual(out.returncode, 0, out.stderr)
+    self.assertIn(f' -o {os.path.join(tempfile.gettempdir(), f"deepseek_jax-{os.getuid()}")}{os.sep}', out.stdout)
 
   def test_built_once_per_machine(self):
     require_native()
