@@ -159,10 +159,12 @@ def matmul(x_XA, w_AO, reference):
     raise ValueError(f'cpu_kernels.matmul: x {x_XA.shape} and w {w_AO.shape} do not multiply (want x [..., A], '
                      'w [A, O])')
   _weights_dtype('cpu_kernels.matmul', w_AO)
-  lead = x_XA.shape[:-1]
-  flat = lambda x, w: _ffi(TARGETS[0], (x.reshape(-1, x.shape[-1]).shape[0], w.shape[1]),
-                           x.reshape(-1, x.shape[-1]).astype(jnp.float32), w).reshape(*lead, w.shape[1])
-  return _native_or_reference(flat, reference, x_XA, w_AO)
+
+  def native(x, w):  # the kernel takes the rows flattened, [X, A]
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return _ffi(TARGETS[0], (rows.shape[0], w.shape[1]), rows, w).reshape(*x.shape[:-1], w.shape[1])
+
+  return _native_or_reference(native, reference, x_XA, w_AO)
 
 
 def routed_swiglu(x_XD, experts_XK, weights_XK, w1_EDI, w2_EID, w3_EDI, reference):
