@@ -156,6 +156,7 @@ class ValidationTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('bad_dtype', dict(param_dtype='int8'), 'param_dtype'),
       ('bad_gmm_impl', dict(gmm_impl='blocked'), 'gmm_impl'),
+      ('bad_linear_impl', dict(linear_impl='blas'), 'linear_impl'),
       ('bad_weights4', dict(weights4='int8'), 'weights4'),
       ('bad_weights4_group', dict(weights4='mxfp4', weights4_group=128), 'weights4_group'),
       ('bad_quant', dict(quant='int4'), 'quant'),
