@@ -35,6 +35,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.prompts import CODE_PROMPTS  # noqa: E402
 from bench.report import replace_section  # noqa: E402
+from bench.step_reads import routing, weight_bytes  # noqa: E402
 from bench.timing import compiled_seconds  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'A trained demo run (trained here if missing).')
@@ -84,45 +85,11 @@ def random_checkpoint(path):
   return c, model
 
 
-def step_weight_bytes(model):
-  """(bytes a plain decode step reads of every weight but the routed experts, bytes of one routed expert of
-  one layer): the embedding (one row per token) and the MTP block (speculative only) left out."""
-  from flax import nnx
-  from deepseek_jax.layers import HeldWeight
-  dense, expert = 0, 0
-  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, HeldWeight))):
-    names = [str(p) for p in path]
-    if names[0] in ('embed', 'mtp'):
-      continue
-    nbytes = value[...].nbytes
-    if 'experts' in names and 'shared_experts' not in names:  # [layers, E, ...] codes (and scales)
-      expert += nbytes // (value.shape[0] * value.shape[1])
-    else:
-      dense += nbytes
-  return dense, expert
-
-
 def distinct_experts(model, tokens_BT, first):
-  """Per MoE layer, the mean over decode steps of the distinct routed experts all rows select: from the
-  routing of one teacher-forced forward, run eagerly (the same routing greedy decoding
-  computed), where the steps' positions are `first` onwards."""
-  import jax.numpy as jnp
-  from deepseek_jax import moe
-  seen = []
-  call = moe.MoE.__call__
-
-  def spy(self, x_BTD):
-    routing = self.gate(x_BTD.reshape(-1, x_BTD.shape[-1]))
-    seen.append(np.asarray(routing.experts_XK).reshape(x_BTD.shape[0], x_BTD.shape[1], -1))
-    return call(self, x_BTD)
-
-  moe.MoE.__call__ = spy
-  try:
-    model.unstacked().forward(jnp.asarray(tokens_BT))  # per-layer blocks: a Python loop, run eagerly
-  finally:
-    moe.MoE.__call__ = call
-  per_layer = [np.mean([len(np.unique(e_BTK[:, j])) for j in range(first, e_BTK.shape[1])]) for e_BTK in seen]
-  return per_layer
+  """Per MoE layer, the mean over decode steps of the distinct routed experts all rows select, from the
+  routing of a teacher-forced forward (step_reads.routing), where the steps' positions are `first` onwards."""
+  return [np.mean([len(np.unique(e_BTK[:, j])) for j in range(first, e_BTK.shape[1])])
+          for e_BTK in routing(model, tokens_BT)]
 
 
 def _streamed_seconds(total_bytes, w_shape, x, product):
@@ -212,7 +179,7 @@ def main(argv):
   arch, hf_model = random_checkpoint(path)
   rt = Runtime(scan_layers=False)
   cfg, ours = load_hf(path, rt)  # fp32
-  dense_bytes, expert_bytes = step_weight_bytes(ours)
+  dense_bytes, _, expert_bytes = weight_bytes(ours)  # a plain step reads no MTP weight
   n_moe = cfg.n_layers - cfg.n_dense_layers
   peer_rows, bytes_rows = [], []
   for batch in (1, 8, 32):
@@ -254,7 +221,7 @@ def main(argv):
                          ('int4, group 128', dataclasses.replace(rt, weights4='int4')),
                          ('MXFP4', dataclasses.replace(rt, weights4='mxfp4'))):
     _, held = load_hf(path, held_rt)
-    d_bytes, e_bytes = step_weight_bytes(held)
+    d_bytes, _, e_bytes = weight_bytes(held)
     speeds = []
     for batch in (1, 8):
       prompts = rng.integers(0, cfg.vocab_size, (batch, 16)).tolist()

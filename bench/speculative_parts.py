@@ -25,7 +25,8 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.prompts import CODE_PROMPTS  # noqa: E402
 from bench.report import replace_section  # noqa: E402
-from bench.timing import compiled_seconds  # noqa: E402
+from bench.step_reads import routing, weight_bytes  # noqa: E402
+from bench.timing import compiled_seconds, median_step_seconds  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'A trained demo run (launch/train.py --config=configs/demo.py).')
 _NEW = flags.DEFINE_integer('new_tokens', 64, 'Tokens per row of the generate() calls that measure acceptance.')
@@ -91,32 +92,16 @@ def speculative_parts(model, prompts, repeats=16):
 
 def routed_experts_per_step(model, prompts, tokens):
   """(plain, speculative): routed experts a decode step reads, summed over the MoE layers, mean over the
-  steps: from the routing of one teacher-forced forward (and MTP forward) over the prompts cut to the shortest
-  and the greedy tokens after them (each row's `tokens`). A plain step at position p reads each trunk layer's
+  steps: from the routing (step_reads.routing, MTP block included) over the prompts cut to the shortest and
+  the greedy tokens after them (each row's `tokens`). A plain step at position p reads each trunk layer's
   experts chosen by the rows at p; a speculative one the experts of p and p + 1 in every trunk layer and in
   the MTP block's."""
-  import jax.numpy as jnp
   import numpy as np
-  from deepseek_jax import moe
   t = min(len(p) for p in prompts)
-  tokens_BT = jnp.asarray([p[:t] + list(g) for p, g in zip(prompts, tokens)], jnp.int32)
-  seen = []
-  call = moe.MoE.__call__
-
-  def spy(self, x_BTD):
-    seen.append(np.asarray(self.gate(x_BTD.reshape(-1, x_BTD.shape[-1])).experts_XK).reshape(*x_BTD.shape[:2], -1))
-    return call(self, x_BTD)
-
-  moe.MoE.__call__ = spy
-  try:
-    decoder = model.unstacked()  # per-layer blocks run eagerly: the spy sees each layer
-    hidden = decoder.forward(tokens_BT).hidden_BTD
-    decoder.mtp_forward(jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1))), hidden)
-  finally:
-    moe.MoE.__call__ = call
-  *trunk, mtp = seen
-  steps = range(t - 1, tokens_BT.shape[1] - 2)  # the positions a decode step runs (the last needs p + 1)
-  distinct = lambda e_BTK, ps: len(np.unique(e_BTK[:, list(ps)]))
+  tokens_BT = [p[:t] + list(g) for p, g in zip(prompts, tokens)]
+  *trunk, mtp = routing(model, tokens_BT, mtp=True)
+  steps = range(t - 1, len(tokens_BT[0]) - 2)  # the positions a decode step runs (the last needs p + 1)
+  distinct = lambda e_BTK, ps: len(np.unique(e_BTK[:, ps]))
   plain = np.mean([sum(distinct(e, [p]) for e in trunk) for p in steps])
   spec = np.mean([sum(distinct(e, [p, p + 1]) for e in trunk + [mtp]) for p in steps])
   return plain, spec
@@ -141,41 +126,6 @@ def stream(nbytes, rows, passes=8):
   run = jax.jit(lambda x, ws: jax.lax.fori_loop(0, passes, lambda i, t: one_pass(i, t, x, ws), 0.0))
   x = jnp.ones((rows, 256), jnp.float32)
   return lambda: jax.block_until_ready(run(x, ws)), passes * len(ws) * per
-
-
-def interleaved(calls, rounds=7):
-  """Median seconds of each call, after a warm-up call each, timed in turn (one call of each per round) so that
-  a drift in this machine's speed falls on all of them alike."""
-  import statistics
-  import time
-  for call in calls.values():
-    call()
-  times = {name: [] for name in calls}
-  for _ in range(rounds):
-    for name, call in calls.items():
-      start = time.perf_counter()
-      call()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
-def weight_bytes(model):
-  """(the weights a plain step reads but its routed experts, the MTP block's but its routed experts, one
-  routed expert of one layer), in bytes: the embedding (one row per token) left out."""
-  from flax import nnx
-  dense, mtp, expert = 0, 0, 0
-  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    names = [str(p) for p in path]
-    if names[0] == 'embed':
-      continue
-    if 'experts' in names and 'shared_experts' not in names:
-      if names[0] == 'moe_layers':  # [layers, E, ...]: w1, w2 and w3 of one expert of one layer, summed
-        expert += value[...].nbytes // (value.shape[0] * value.shape[1])
-    elif names[0] == 'mtp':
-      mtp += value[...].nbytes
-    else:
-      dense += value[...].nbytes
-  return dense, mtp, expert
 
 
 def step_ms(ms):
@@ -223,7 +173,8 @@ def main(argv):
     spec_stream, spec_streamed = stream(spec_bytes, 2 * rows)
     calls = {(v, n): functools.partial(generate, model, prompts, n, speculative=v) for v in (False, True)
              for n in (_NEW.value, 2)}
-    seconds = interleaved({**calls, 'plain stream': plain_stream, 'spec stream': spec_stream})
+    seconds = median_step_seconds({**calls, 'plain stream': plain_stream, 'spec stream': spec_stream}, 7,
+                                  pause=0.0)
     short_steps = {v: generate(model, prompts, 2, speculative=v).steps for v in (False, True)}
     # ms per decode step inside generate(): a long call less a 2-token call, over the steps between
     step_ms_of = lambda v, long: (seconds[(v, _NEW.value)] - seconds[(v, 2)]) / (long.steps - short_steps[v]) * 1e3
@@ -283,7 +234,7 @@ def main(argv):
       'rows (`stream`: 8 passes in one loop, 1 token a row plain, 2 speculative), the bytes\' time at that '
       'rate, and the step times '
       'measured inside generate() (a --new_tokens call less a 2-token call, over the steps between); the streams '
-      'and the generate() calls timed in turn, medians of 7 rounds (`interleaved`):',
+      'and the generate() calls timed in turn, medians of 7 rounds (`bench.timing.median_step_seconds`):',
       '',
       '| rows | plain reads | speculative reads | bytes ratio | rate plain / spec | bytes\' time plain / spec | '
       'generate step plain / spec | measured ratio | spec bytes\' time / plain step | pays below (1 + acceptance) |',
